@@ -1,0 +1,53 @@
+"""The ``gastrolens`` command.
+
+Each command group lives in its own module with a ``register(subparsers)`` function;
+only this module configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gastrolens import __version__
+from gastrolens.errors import GastroLensError
+
+COMMAND_MODULES = (
+    "gastrolens.cli.serve",
+    "gastrolens.cli.status",
+    "gastrolens.cli.audit",
+    "gastrolens.cli.config_cmd",
+    "gastrolens.cli.db_cmd",
+)
+"""Modules that add subcommands; each has ``register(subparsers)``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gastrolens", description="GastroLens DICOM AI node")
+    parser.add_argument("--version", action="version", version=f"gastrolens {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: from config)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except GastroLensError as exc:
+        print(f"gastrolens: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

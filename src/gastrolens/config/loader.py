@@ -1,0 +1,100 @@
+"""Load settings from TOML and ``GASTROLENS_<SECTION>__<KEY>`` environment variables.
+
+Every problem is reported as :class:`~gastrolens.errors.ConfigError` naming the file
+(or environment variable), the dotted key and the reason, all at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from gastrolens.config.schema import Settings
+from gastrolens.errors import ConfigError
+
+ENV_PREFIX = "GASTROLENS_"
+CONFIG_ENV = "GASTROLENS_CONFIG"
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Return validated settings from ``path`` (or ``$GASTROLENS_CONFIG``) plus the environment.
+
+    Without a file the built-in defaults (the embedded profile) apply.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(CONFIG_ENV):
+        path = environ[CONFIG_ENV]
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(source, "-", f"cannot read the file: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, "-", f"not valid TOML: {exc}") from exc
+    overridden = _apply_environment(data, environ)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, source, overridden) from exc
+    _check_storage_writable(settings, source)
+    return settings
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Merge ``GASTROLENS_SECTION__KEY=value`` into ``data``; return dotted key -> variable name.
+
+    Values are parsed as JSON when they parse (numbers, booleans, lists), else kept as strings.
+    """
+    overridden: dict[str, str] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(name, ".".join(parts), "cannot override inside a non-table value")
+        node[parts[-1]] = value
+        overridden[".".join(parts)] = name
+    return overridden
+
+
+def _config_error(exc: ValidationError, source: str, overridden: dict[str, str]) -> ConfigError:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "-"
+        reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        reason = reason.removeprefix("Value error, ")
+        where = next((var for dotted, var in overridden.items() if key.startswith(dotted)), source)
+        problems.append((where, key, reason))
+    first = problems[0]
+    error = ConfigError(first[0], first[1], first[2])
+    if len(problems) > 1:
+        error.args = ("\n".join(f"{w}: {k}: {r}" for w, k, r in problems),)
+    error.problems = problems  # type: ignore[attr-defined]
+    return error
+
+
+def _check_storage_writable(settings: Settings, source: str) -> None:
+    root = settings.storage.root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(source, "storage.root", f"{root} is not writable: {exc.strerror}") from exc

@@ -1,0 +1,274 @@
+"""The settings schema: typed, frozen, validated when constructed.
+
+Every field has its default here and only here; `deploy/gastrolens.example.toml`
+documents the same keys for operators. Units are in the field names
+(``_seconds``, ``_mb``, ``_days``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # VR AE: no backslash, no control chars
+
+DEFAULT_ACCEPTED_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL Endoscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic Image Storage
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not AE_TITLE_PATTERN.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    cert: Path | None = None
+    """Server certificate (PEM)."""
+    key: Path | None = None
+    """Server private key (PEM)."""
+    ca: Path | None = None
+    """CA bundle (PEM); when set, peers must present a client certificate it signed."""
+
+    @model_validator(mode="after")
+    def _files_readable(self) -> "TLSSettings":
+        if not self.enabled:
+            return self
+        for name in ("cert", "key"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} is required when TLS is enabled")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is not None:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ValueError(f"{name}: cannot read {path}: {exc.strerror}") from exc
+        return self
+
+
+class DicomSettings(_Section):
+    ae_title: AETitle = "GASTROLENS"
+    bind: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aets: tuple[AETitle, ...] = ()
+    """Empty: any calling AE title is accepted (logged as a warning at start)."""
+    allowed_peers: tuple[str, ...] = ()
+    """IP addresses or CIDR networks; empty: any peer."""
+    max_associations: int = Field(16, ge=1, le=512)
+    max_pdu_bytes: int = Field(0, ge=0)
+    """0 means unlimited."""
+    accepted_sop_classes: tuple[str, ...] = DEFAULT_ACCEPTED_SOP_CLASSES
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    tls: TLSSettings = TLSSettings()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(v) for v in value)
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for peer in value:
+            try:
+                ipaddress.ip_network(peer, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{peer!r} is not an IP address or CIDR network") from exc
+        return value
+
+    @field_validator("accepted_sop_classes")
+    @classmethod
+    def _uids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from pydicom.uid import UID
+
+        for uid in value:
+            if not UID(uid).is_valid:
+                raise ValueError(f"{uid!r} is not a valid UID")
+        return value
+
+
+class StorageSettings(_Section):
+    root: Path = Path("var/storage")
+    """Received instances, outputs and quarantine live below this folder."""
+    min_free_mb: int = Field(1024, ge=0)
+    """Below this much free space C-STORE answers 0xA700 (out of resources)."""
+    fsync: bool = True
+    """Turn off only for throw-away test runs: C-STORE success then no longer means durable."""
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/gastrolens.db"
+    """SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from exc
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {url.get_backend_name()!r}: use sqlite or postgresql")
+        return value
+
+
+class ModelSettings(_Section):
+    package: Path | None = None
+    """A model package folder; unset: untrained weights, every output marked UNTRAINED."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    batch_size: int = Field(16, ge=1, le=512)
+    cpu_threads: int = Field(0, ge=0)
+    """0: torch's default."""
+    fov_crop: bool = True
+    """Crop to the endoscope's field of view before resizing."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
+
+    @field_validator("package", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+
+class SchedulerSettings(_Section):
+    interval_seconds: float = Field(2.0, gt=0)
+    study_quiet_seconds: float = Field(30.0, ge=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    """A claim older than this is taken to belong to a dead process and is claimed again."""
+    decode_threads: int = Field(2, ge=1, le=64)
+
+
+class DestinationTLS(_Section):
+    enabled: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class Destination(_Section):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    folder: Path | None = None
+    """A folder destination: outputs are copied there instead of sent."""
+    tls: DestinationTLS = DestinationTLS()
+
+    @model_validator(mode="after")
+    def _kind(self) -> "Destination":
+        network = (self.ae_title, self.host, self.port)
+        if self.folder is None and None in network:
+            raise ValueError("a destination needs ae_title, host and port, or a folder")
+        if self.folder is not None and any(v is not None for v in network):
+            raise ValueError("a destination is either a DICOM peer or a folder, not both")
+        if self.ae_title is not None:
+            _check_ae_title(self.ae_title)
+        return self
+
+
+class DeliverySettings(_Section):
+    max_attempts: int = Field(8, ge=1, le=100)
+    backoff_seconds: float = Field(5.0, ge=0)
+    """First retry delay; doubles each attempt."""
+    max_backoff_seconds: float = Field(3600.0, ge=0)
+
+
+class OutputSettings(_Section):
+    seg: bool = True
+    sr: bool = True
+    overlay: bool = True
+    study_priority: tuple[str, ...] = ("egc_hgin", "agc", "smt", "pu", "normal")
+    """Which class the study conclusion names when several are found, first wins."""
+
+    @field_validator("study_priority")
+    @classmethod
+    def _priority(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from gastrolens.findings import LesionClass
+
+        known = {c.value for c in LesionClass}
+        if set(value) != known or len(value) != len(known):
+            raise ValueError(f"must list each of {sorted(known)} exactly once")
+        return value
+
+
+class RetentionSettings(_Section):
+    enabled: bool = False
+    days: int = Field(30, ge=1)
+    """Stored inputs and outputs older than this are removed (never undelivered ones)."""
+
+
+class APIToken(_Section):
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["viewer", "auditor"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class APISettings(_Section):
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    open_health: bool = True
+    """/healthz without a token."""
+    open_metrics: bool = False
+    """/metrics without a token."""
+    tokens: tuple[APIToken, ...] = ()
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    patient_details: bool = False
+    """Log patient names and IDs; off: only UIDs reach the log."""
+
+
+class Settings(_Section):
+    dicom: DicomSettings = DicomSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    model: ModelSettings = ModelSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    destinations: tuple[Destination, ...] = ()
+    delivery: DeliverySettings = DeliverySettings()
+    outputs: OutputSettings = OutputSettings()
+    retention: RetentionSettings = RetentionSettings()
+    api: APISettings = APISettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        names = [d.name for d in value]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        return value

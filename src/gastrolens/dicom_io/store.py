@@ -1,0 +1,77 @@
+"""The durable file store: received instances, outputs and quarantine under one root.
+
+Paths are built only from UIDs that passed the grammar check, so no crafted UID can
+reach outside the root. Every write is atomic and, unless switched off, fsync'd.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from gastrolens.dicom_io.atomic import write_bytes_atomic
+from gastrolens.dicom_io.inspect import is_valid_uid
+from gastrolens.errors import StorageError
+
+
+class Store:
+    """Files under ``root``; the database keeps paths relative to it."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_mb: int = 0) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        for folder in ("instances", "outputs", "quarantine"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+    def has_room(self) -> bool:
+        return shutil.disk_usage(self.root).free >= self.min_free_bytes
+
+    def absolute(self, relative: str) -> Path:
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"{relative!r} points outside the storage root")
+        return path
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> str:
+        _require_uids(study_uid, series_uid, sop_uid)
+        name = f"{sop_uid}.dcm" if version == 1 else f"{sop_uid}.v{version}.dcm"
+        return str(PurePosixPath("instances", study_uid, series_uid, name))
+
+    def output_path(self, study_uid: str, kind: str, sop_uid: str) -> str:
+        _require_uids(study_uid, sop_uid)
+        return str(PurePosixPath("outputs", study_uid, kind, f"{sop_uid}.dcm"))
+
+    def write(self, relative: str, data: bytes) -> Path:
+        try:
+            return write_bytes_atomic(self.absolute(relative), data, fsync=self.fsync)
+        except OSError as exc:
+            raise StorageError(f"cannot write {relative}: {exc.strerror or exc}") from exc
+
+    def remove(self, relative: str) -> bool:
+        """Delete a stored file; False when it was already gone."""
+        try:
+            self.absolute(relative).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def quarantine(self, data: bytes, reason: str, context: dict[str, Any]) -> str:
+        """Keep rejected bytes with a JSON note beside them; return the relative path."""
+        now = datetime.now(timezone.utc)
+        name = f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:12]}"
+        relative = str(PurePosixPath("quarantine", f"{now:%Y%m%d}", f"{name}.dcm"))
+        self.write(relative, data)
+        note = {"reason": reason, "received_at": now.isoformat(), **context}
+        self.write(relative[: -len(".dcm")] + ".json", json.dumps(note, indent=2, default=str).encode())
+        return relative
+
+
+def _require_uids(*uids: str) -> None:
+    for uid in uids:
+        if not is_valid_uid(uid):
+            raise StorageError(f"{uid[:80]!r} is not a valid UID; refusing to build a path from it")

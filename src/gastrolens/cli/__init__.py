@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "gastrolens.cli.audit",
     "gastrolens.cli.config_cmd",
     "gastrolens.cli.db_cmd",
+    "gastrolens.cli.models_cmd",
 )
 """Modules that add subcommands; each has ``register(subparsers)``."""
 

@@ -133,7 +133,7 @@ def detect_fov(image: np.ndarray, *, threshold: int = FOV_THRESHOLD) -> CropBox:
     small = torch.from_numpy(np.ascontiguousarray(image[::step, ::step].max(axis=2)))
     bright = (small > threshold).to(torch.float32)[None, None]
     kernel = max(3, (max(bright.shape[-2:]) // 40) | 1)
-    opened = _dilate(_erode(bright, kernel), kernel)[0, 0] > 0.5
+    opened = (_dilate(_erode(bright, kernel), kernel)[0, 0] > 0.5).numpy()
     region = _largest_component(opened)
     if region is None:
         return full_frame(image)
@@ -157,30 +157,50 @@ def _dilate(x: torch.Tensor, k: int) -> torch.Tensor:
     return F.max_pool2d(x, k, stride=1, padding=k // 2)
 
 
-def _largest_component(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+def _largest_component(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Bounding box (top, left, bottom, right; exclusive) of the largest 8-connected region.
 
-    Label propagation with max-pooling: every pixel takes the largest label among its
-    neighbours until nothing changes. Runs on the small working copy only.
+    Run-length labelling: runs of set pixels per row, joined with a union-find when they
+    touch a run of the row above (diagonals count). The working copy is small, so
+    there are only a few hundred runs.
     """
-    if not bool(mask.any()):
+    runs: list[tuple[int, int, int]] = []  # (row, first col, last col + 1)
+    parent: list[int] = []
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    previous: list[int] = []
+    for row in range(mask.shape[0]):
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], mask[row].astype(np.int8), [0]))))
+        current = []
+        for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            index = len(runs)
+            runs.append((row, start, stop))
+            parent.append(index)
+            for other in previous:
+                _, other_start, other_stop = runs[other]
+                if other_start <= stop and start <= other_stop:  # overlap or diagonal touch
+                    parent[find(other)] = find(index)
+            current.append(index)
+        previous = current
+    if not runs:
         return None
-    fg = mask.to(torch.float32)
-    n = mask.numel()
-    labels = (torch.arange(1, n + 1, dtype=torch.float32).reshape(mask.shape)) * fg
-    labels = labels[None, None]
-    fg4 = fg[None, None]
-    for _ in range(n):
-        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * fg4
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    flat = labels[0, 0].to(torch.int64)
-    values, counts = torch.unique(flat[flat > 0], return_counts=True)
-    winner = values[torch.argmax(counts)]
-    rows_hit = torch.nonzero((flat == winner).any(dim=1)).flatten()
-    cols_hit = torch.nonzero((flat == winner).any(dim=0)).flatten()
-    return int(rows_hit[0]), int(cols_hit[0]), int(rows_hit[-1]) + 1, int(cols_hit[-1]) + 1
+    sizes: dict[int, int] = {}
+    for index, (_, start, stop) in enumerate(runs):
+        root = find(index)
+        sizes[root] = sizes.get(root, 0) + stop - start
+    winner = max(sizes, key=lambda root: sizes[root])
+    members = [runs[i] for i in range(len(runs)) if find(i) == winner]
+    return (
+        min(r[0] for r in members),
+        min(r[1] for r in members),
+        max(r[0] for r in members) + 1,
+        max(r[2] for r in members),
+    )
 
 
 def to_float_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@
      ├── ModelError             networks, model packages, inference input
      │    └── ModelPackageError a package is missing, tampered or does not match
      ├── OutputError            a SEG / SR / overlay could not be written
+     ├── DecodeError            a stored instance's pixel data could not be decoded
      ├── DeliveryError          a destination refused or could not be reached
      └── DatasetError           a training manifest row is wrong (names the row)
 
@@ -68,6 +69,10 @@ class ModelPackageError(ModelError):
 
 class OutputError(GastroLensError):
     """A result object could not be written."""
+
+
+class DecodeError(GastroLensError):
+    """A stored instance's pixel data is missing or could not be decoded to RGB."""
 
 
 class DeliveryError(GastroLensError):

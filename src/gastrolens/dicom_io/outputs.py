@@ -1,0 +1,179 @@
+"""The one entry point the pipeline calls: turn findings into SEG, SR and overlay files.
+
+:func:`write_outputs` handles one source instance, :func:`write_study_sr` one study.
+Everything is built and checked in memory first; files are then written one by one with
+a temporary name and a rename, so a reader never sees half a file, and if a later file
+of the same call fails the earlier ones are removed again. File names and UIDs are pure
+functions of the inputs, so processing an image again replaces its outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from gastrolens.config.schema import OutputSettings
+from gastrolens.dicom_io.common import check_findings, check_source, save, source_header
+from gastrolens.dicom_io.conclusion import StudyConclusion, aggregate_study
+from gastrolens.dicom_io.overlay import build_overlay
+from gastrolens.dicom_io.read import decode_rgb_frames, number_of_frames
+from gastrolens.dicom_io.seg import build_segmentation
+from gastrolens.dicom_io.sr import PredecessorRef, build_image_sr, build_study_sr
+from gastrolens.dicom_io.uids import OutputKind
+from gastrolens.errors import DecodeError, OutputError
+from gastrolens.findings import ImageFinding, ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OutputKind",
+    "PredecessorRef",
+    "WrittenOutput",
+    "WrittenStudyReport",
+    "output_path",
+    "write_outputs",
+    "write_study_sr",
+]
+
+
+@dataclass(frozen=True)
+class WrittenOutput:
+    """One file GastroLens wrote, with what delivery and the database need to know."""
+
+    kind: OutputKind
+    path: Path
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class WrittenStudyReport:
+    output: WrittenOutput
+    conclusion: StudyConclusion
+
+
+def output_path(out_dir: Path, kind: OutputKind, sop_instance_uid: str) -> Path:
+    """Where an output is written: ``<out_dir>/<kind>_<SOP Instance UID>.dcm``."""
+    return out_dir / f"{kind.value.lower()}_{sop_instance_uid}.dcm"
+
+
+def write_outputs(
+    source: Dataset,
+    findings: Sequence[ImageFinding],
+    out_dir: Path,
+    settings: OutputSettings | None = None,
+    *,
+    frames: Sequence[np.ndarray] | None = None,
+    fsync: bool = True,
+) -> list[WrittenOutput]:
+    """Write the SEG, SR and overlay of one source instance (each as ``settings`` allow).
+
+    ``source`` is the full stored dataset (with pixel data); ``findings`` holds one
+    :class:`ImageFinding` per frame. ``frames`` may pass the RGB frames already decoded
+    for inference so they are not decoded again. No SEG is written when no frame shows a
+    lesion. Raises :class:`OutputError` for a bad source or findings, with nothing written.
+    """
+    settings = settings or OutputSettings()
+    check_source(source)
+    model = check_findings(source, findings)
+    header = source_header(source)
+
+    built: list[tuple[OutputKind, Dataset]] = []
+    seg, segments = None, []
+    if settings.seg:
+        result = build_segmentation(header, findings, model)
+        if result is not None:
+            seg, segments = result
+            built.append((OutputKind.SEG, seg))
+    if settings.sr:
+        built.append((OutputKind.SR, build_image_sr(header, findings, model, seg, segments)))
+    if settings.overlay:
+        if frames is None:
+            try:
+                frames = decode_rgb_frames(source)
+            except DecodeError as exc:
+                raise OutputError(f"cannot draw the overlay: {exc}") from exc
+        built.append((OutputKind.OVERLAY, build_overlay(header, frames, findings, model)))
+    written = _write_all(built, out_dir, fsync=fsync)
+    logger.info(
+        "wrote %d output(s) for instance %s: %s",
+        len(written), source.SOPInstanceUID, ", ".join(w.kind.value for w in written) or "none",
+    )
+    return written
+
+
+def write_study_sr(
+    study: Sequence[tuple[Dataset, Sequence[ImageFinding]]],
+    out_dir: Path,
+    settings: OutputSettings | None = None,
+    *,
+    revision: int = 1,
+    predecessor: PredecessorRef | None = None,
+    min_images: int = 1,
+    fsync: bool = True,
+) -> WrittenStudyReport:
+    """Write revision ``revision`` of a study's conclusion SR.
+
+    ``study`` pairs every source instance of the study (pixel data not needed) with its
+    per-frame findings. The conclusion follows ``settings.study_priority`` and the
+    per-lesion rule (:func:`conclusion.aggregate_study`, ``min_images``). A revision
+    after the first should name the SR it replaces in ``predecessor``.
+    """
+    settings = settings or OutputSettings()
+    if not study:
+        raise OutputError("a study SR needs at least one source instance")
+    headers: list[tuple[Dataset, Sequence[ImageFinding]]] = []
+    models: set[ModelIdentity] = set()
+    for source, findings in study:
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not source.get(keyword):
+                raise OutputError(f"source instance {source.get('SOPInstanceUID', '?')} lacks {keyword}")
+        if len(findings) != number_of_frames(source):
+            raise OutputError(
+                f"source instance {source.SOPInstanceUID} has {number_of_frames(source)} frame(s) "
+                f"but {len(findings)} finding(s)"
+            )
+        models.update(f.model for f in findings)
+        headers.append((source_header(source), findings))
+    if len(models) != 1:
+        raise OutputError(f"the study's findings come from {len(models)} different models")
+    model = models.pop()
+    try:
+        conclusion = aggregate_study(
+            [f for _, findings in headers for f in findings], settings.study_priority, min_images=min_images
+        )
+    except ValueError as exc:
+        raise OutputError(f"study conclusion: {exc}") from exc
+    sr = build_study_sr(headers, model, conclusion, revision=revision, predecessor=predecessor)
+    (written,) = _write_all([(OutputKind.STUDY_SR, sr)], out_dir, fsync=fsync)
+    logger.info(
+        "wrote study SR revision %d for study %s: %s", revision, sr.StudyInstanceUID, conclusion.conclusion.value
+    )
+    return WrittenStudyReport(output=written, conclusion=conclusion)
+
+
+def _write_all(built: Sequence[tuple[OutputKind, Dataset]], out_dir: Path, *, fsync: bool) -> list[WrittenOutput]:
+    written: list[WrittenOutput] = []
+    try:
+        for kind, ds in built:
+            path = save(ds, output_path(out_dir, kind, ds.SOPInstanceUID), fsync=fsync)
+            written.append(
+                WrittenOutput(
+                    kind=kind,
+                    path=path,
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                )
+            )
+    except BaseException:
+        for output in written:
+            output.path.unlink(missing_ok=True)
+        raise
+    return written

@@ -1,0 +1,346 @@
+"""Structured Reports (Comprehensive SR, TID 1500 Measurement Report), built with highdicom.
+
+Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) because the content needs IMAGE
+references and NUM items but no 3-D coordinates, and more PACS accept it than
+Comprehensive 3D SR (shared/dicom-notes.md, section 3).
+
+Per source instance (``OutputKind.SR``), for every frame:
+
+- a TID 1501 group "frame N finding": Finding = the predicted class, Finding Site =
+  stomach, Probability of that class and the lesion area fraction, the source frame;
+- a TID 1501 group "frame N alternative class" for each other class with its Probability;
+- when the SEG has a segment for the frame, a TID 1410 group referencing that segment
+  (its tracking UID is the segment's Tracking UID).
+
+Per study (``OutputKind.STUDY_SR``): one TID 1501 group per reported class (the images
+that show it and its highest probability) and an image-less "study conclusion" group
+whose Conclusion names the class chosen by :func:`conclusion.aggregate_study`.
+A revision names its predecessor in Predecessor Documents Sequence.
+
+Both carry the model in TID 4019 Algorithm Identification (name, version, and the
+weights sha256 as an Algorithm Parameter) and in the device observer context; an
+untrained model adds the warning as a TEXT item in a TID 1500 "Qualitative
+Evaluations" container and in the Series Description.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+from gastrolens import UNTRAINED_WARNING
+from gastrolens.dicom_io import codes
+from gastrolens.dicom_io.common import MANUFACTURER, check_lo, model_label, now, series_description
+from gastrolens.dicom_io.conclusion import StudyConclusion
+from gastrolens.dicom_io.read import number_of_frames
+from gastrolens.dicom_io.seg import SegmentInfo
+from gastrolens.dicom_io.uids import (
+    OutputKind,
+    derived_uid,
+    instance_uid,
+    series_uid,
+    study_sr_instance_uid,
+    study_sr_series_uid,
+)
+from gastrolens.errors import OutputError
+from gastrolens.findings import CLASS_ORDER, ImageFinding, ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9702
+STUDY_SR_SERIES_NUMBER = 9704
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@dataclass(frozen=True)
+class PredecessorRef:
+    """The earlier study SR that a new revision replaces."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str = COMPREHENSIVE_SR
+
+
+def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"weights_sha256={model.weights_sha256}"]
+    if model.untrained:
+        parameters.append("untrained=true")
+    return hd.sr.AlgorithmIdentification(
+        name=check_lo(model.name, "model name"),
+        version=check_lo(model.version, "model version"),
+        parameters=parameters,
+    )
+
+
+def _observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("device-observer", model.weights_sha256),
+        name="GastroLens",
+        manufacturer_name=MANUFACTURER,
+        model_name=check_lo(model_label(model), "model name and version"),
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DEVICE_OBSERVER,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _probability(value: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=codes.PROBABILITY, value=float(value), unit=codes.NO_UNITS)
+
+
+def _frames(header: Dataset, frame: int) -> list[int] | None:
+    """Referenced frame numbers: only for multi-frame sources (PS3.3 Table 10-3)."""
+    return [frame] if "NumberOfFrames" in header else None
+
+
+def _image_groups(
+    header: Dataset,
+    findings: Sequence[ImageFinding],
+    model: ModelIdentity,
+    seg: hd.seg.Segmentation | None,
+    segments: Sequence[SegmentInfo],
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    uid = header.SOPInstanceUID
+    sha = model.weights_sha256
+    algorithm = _algorithm(model)
+    site = hd.sr.FindingSite(anatomic_location=codes.STOMACH)
+    by_frame = {info.source_frame: info for info in segments}
+    groups: list = []
+    for frame, finding in enumerate(findings, start=1):
+        source = hd.sr.SourceImageForMeasurementGroup.from_source_image(header, _frames(header, frame))
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid("sr-finding", uid, sha, str(frame)), identifier=f"frame {frame} finding"
+                ),
+                finding_type=codes.class_code(finding.predicted),
+                finding_sites=[site],
+                algorithm_id=algorithm,
+                measurements=[
+                    _probability(finding.probability(finding.predicted)),
+                    hd.sr.Measurement(
+                        name=codes.LESION_AREA_FRACTION,
+                        value=float(finding.lesion_area_fraction),
+                        unit=codes.NO_UNITS,
+                    ),
+                ],
+                source_images=[source],
+            )
+        )
+        for cls in CLASS_ORDER:
+            if cls is finding.predicted:
+                continue
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=derived_uid("sr-class", uid, sha, str(frame), cls.value),
+                        identifier=f"frame {frame} alternative class",
+                    ),
+                    finding_type=codes.class_code(cls),
+                    finding_sites=[site],
+                    algorithm_id=algorithm,
+                    measurements=[_probability(finding.probability(cls))],
+                    source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header, _frames(header, frame))],
+                )
+            )
+        info = by_frame.get(frame)
+        if info is not None and seg is not None:
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=info.tracking_uid, identifier=f"frame {frame} lesion"
+                    ),
+                    referenced_segment=hd.sr.ReferencedSegmentationFrame(
+                        sop_class_uid=seg.SOPClassUID,
+                        sop_instance_uid=seg.SOPInstanceUID,
+                        frame_number=info.seg_frame_number,
+                        segment_number=info.segment_number,
+                        source_image=hd.sr.SourceImageForSegmentation.from_source_image(
+                            header, _frames(header, frame)
+                        ),
+                    ),
+                    finding_type=codes.class_code(info.lesion_class) if info.lesion_class else codes.LESION,
+                    finding_sites=[site],
+                    algorithm_id=algorithm,
+                    measurements=[
+                        _probability(finding.probability(finding.predicted)),
+                        hd.sr.Measurement(
+                            name=codes.LESION_AREA_FRACTION,
+                            value=float(finding.lesion_area_fraction),
+                            unit=codes.NO_UNITS,
+                        ),
+                    ],
+                )
+            )
+    return groups
+
+
+def _report(
+    model: ModelIdentity,
+    groups: Sequence,
+    referenced_images: Sequence[Dataset],
+) -> hd.sr.MeasurementReport:
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(model),
+        procedure_reported=codes.ESOPHAGOGASTRODUODENOSCOPY,
+        imaging_measurements=list(groups),
+        referenced_images=list(referenced_images),
+    )
+    if model.untrained:
+        # TID 1500 row 12: a "Qualitative Evaluations" container of CODE or TEXT items.
+        container = hd.sr.ContainerContentItem(
+            name=codes.QUALITATIVE_EVALUATIONS,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        container.ContentSequence = [
+            hd.sr.TextContentItem(
+                name=codes.COMMENT,
+                value=UNTRAINED_WARNING,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+        report[0].ContentSequence.append(container)
+    return report
+
+
+def _finish(sr: hd.sr.ComprehensiveSR) -> hd.sr.ComprehensiveSR:
+    _drop_segment_number_beside_frame_number(sr)
+    sr.CodingSchemeIdentificationSequence = codes.coding_scheme_identification()
+    return sr
+
+
+def _drop_segment_number_beside_frame_number(ds: Dataset) -> None:
+    """highdicom writes both numbers in a Referenced Segmentation Frame IMAGE item.
+
+    PS3.3 Table 10-3 makes each required only when the other is absent; dciodvfy and
+    dsrdump both flag the pair. The frame number identifies the segment uniquely (one
+    segment per SEG frame), so the segment number goes.
+    """
+    for item in ds.get("ContentSequence", []):
+        for ref in item.get("ReferencedSOPSequence", []):
+            if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
+                del ref.ReferencedSegmentNumber
+        _drop_segment_number_beside_frame_number(item)
+
+
+def build_image_sr(
+    header: Dataset,
+    findings: Sequence[ImageFinding],
+    model: ModelIdentity,
+    seg: hd.seg.Segmentation | None = None,
+    segments: Sequence[SegmentInfo] = (),
+) -> hd.sr.ComprehensiveSR:
+    """The per-instance SR: every frame's finding, class probabilities and segment."""
+    if number_of_frames(header) != len(findings):
+        raise OutputError(f"source instance {header.SOPInstanceUID}: findings do not match its frames")
+    groups = _image_groups(header, findings, model, seg, segments)
+    evidence = [header] if seg is None else [header, seg]
+    try:
+        sr = hd.sr.ComprehensiveSR(
+            evidence=evidence,
+            content=_report(model, groups, [header]),
+            series_instance_uid=series_uid(OutputKind.SR, header.StudyInstanceUID, model.weights_sha256),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=instance_uid(OutputKind.SR, header.SOPInstanceUID, model.weights_sha256),
+            instance_number=int(header.get("InstanceNumber") or 1),
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            series_description=series_description("SR", model),
+            content_date=now().date(),
+            content_time=now().time(),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"source instance {header.SOPInstanceUID}: highdicom refused the SR: {exc}") from exc
+    return _finish(sr)
+
+
+def build_study_sr(
+    study: Sequence[tuple[Dataset, Sequence[ImageFinding]]],
+    model: ModelIdentity,
+    conclusion: StudyConclusion,
+    *,
+    revision: int = 1,
+    predecessor: PredecessorRef | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """The study-level SR. ``study`` pairs each source header with its per-frame findings,
+    in the order whose flattened findings ``conclusion`` was computed from."""
+    if not study:
+        raise OutputError("a study SR needs at least one source instance")
+    study_uids = {header.StudyInstanceUID for header, _ in study}
+    if len(study_uids) != 1:
+        raise OutputError(f"a study SR covers one study, got {len(study_uids)}")
+    study_uid = study_uids.pop()
+    images: list[tuple[Dataset, int]] = [
+        (header, frame) for header, findings in study for frame in range(1, len(findings) + 1)
+    ]
+    if len(images) != conclusion.image_count:
+        raise OutputError(f"conclusion covers {conclusion.image_count} images, the study has {len(images)}")
+    sha = model.weights_sha256
+    algorithm = _algorithm(model)
+    site = hd.sr.FindingSite(anatomic_location=codes.STOMACH)
+    groups: list = []
+    for evidence in conclusion.reported:
+        sources = [
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(images[i][0], _frames(images[i][0], images[i][1]))
+            for i in evidence.image_indices
+        ]
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid("study-class", study_uid, sha, evidence.lesion_class.value),
+                    identifier=f"study {evidence.lesion_class.value}",
+                ),
+                finding_type=codes.class_code(evidence.lesion_class),
+                finding_sites=[site],
+                algorithm_id=algorithm,
+                measurements=[_probability(evidence.max_probability)],
+                source_images=sources,
+            )
+        )
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid("study-conclusion", study_uid, sha), identifier="study conclusion"
+            ),
+            finding_sites=[site],
+            algorithm_id=algorithm,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(codes.CONCLUSION, codes.class_code(conclusion.conclusion))
+            ],
+        )
+    )
+    headers = [header for header, _ in study]
+    previous = None
+    if predecessor is not None:
+        pre = Dataset()
+        pre.SOPClassUID = predecessor.sop_class_uid
+        pre.SOPInstanceUID = predecessor.sop_instance_uid
+        pre.StudyInstanceUID = study_uid
+        pre.SeriesInstanceUID = predecessor.series_instance_uid
+        previous = [pre]
+    try:
+        sr = hd.sr.ComprehensiveSR(
+            evidence=headers,
+            content=_report(model, groups, headers),
+            series_instance_uid=study_sr_series_uid(study_uid, sha),
+            series_number=STUDY_SR_SERIES_NUMBER,
+            sop_instance_uid=study_sr_instance_uid(study_uid, sha, revision),
+            instance_number=revision,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            previous_versions=previous,
+            series_description=series_description("study SR", model),
+            content_date=now().date(),
+            content_time=now().time(),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"study {study_uid}: highdicom refused the study SR: {exc}") from exc
+    return _finish(sr)
+

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from gastrolens.config.schema import DicomSettings
 from gastrolens.db import Database, audit
@@ -30,6 +30,7 @@ from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.db.tables import Quarantined
 from gastrolens.dicom_io.inspect import InstanceHeader, inspect_instance
 from gastrolens.dicom_io.store import Store
+from gastrolens.dicom_io.tls import HandshakeInThreadServer, server_context
 from gastrolens.errors import DatabaseError, GastroLensError, InvalidInstanceError, StorageError
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,15 @@ class _GatekeeperACSE(ACSE):
 
     def _negotiate_as_acceptor(self) -> None:
         calling_ae = self.requestor.primitive.calling_ae_title  # type: ignore[union-attr]
+        self.requestor.ae_title = calling_ae  # pynetdicom sets it only after its own checks
         refusal = self._policy.refusal(calling_ae, self.assoc.requestor.address)
         if refusal is None:
             super()._negotiate_as_acceptor()
             return
         reason, fields = refusal
         self.assoc.gastrolens_refusal = reason  # type: ignore[attr-defined]
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})  # audited before the peer hears the answer
         self.send_reject(*fields)
-        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
 
 
@@ -128,9 +130,19 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.bind, self.settings.port), block=False, ssl_context=self._ssl_context(), evt_handlers=handlers
+        # start_server(block=False) by hand, with a server class that handshakes TLS
+        # off the accept loop (see dicom_io.tls).
+        server = self.ae.make_server(
+            (self.settings.bind, self.settings.port),
+            ssl_context=server_context(self.settings.tls),
+            evt_handlers=handlers,
+            server_class=HandshakeInThreadServer,
         )
+        server.handshake_timeout = self.settings.network_timeout_seconds
+        server.on_handshake_failure = self._on_tls_failure
+        threading.Thread(target=make_target(server.serve_forever), name="gastrolens-acceptor", daemon=True).start()
+        self.ae._servers.append(server)  # as start_server does: ae.shutdown() and server.shutdown() expect it
+        self._server = server
         self._accepting.set()
         if not self.policy.calling_aets:
             log.warning("dicom.allowed_calling_aets is empty: any calling AE title may store")
@@ -150,17 +162,6 @@ class Receiver:
         self.ae.shutdown()
         self._server = None
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        tls = self.settings.tls
-        if not tls.enabled:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-        if tls.ca is not None:
-            ctx.load_verify_locations(str(tls.ca))
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
-
     # -- handlers ----------------------------------------------------------------------
 
     def _on_connect(self, event: evt.Event) -> None:
@@ -175,6 +176,10 @@ class Receiver:
         self._audit_safely(
             audit.Event(AuditEventType.ASSOCIATION_REJECTED, _actor(event.assoc), Outcome.FAILURE, detail={"reason": reason})
         )
+
+    def _on_tls_failure(self, peer: str, exc: BaseException) -> None:
+        self._audit_safely(audit.Event(AuditEventType.ASSOCIATION_REJECTED, f"dicom:?@{peer}", Outcome.FAILURE,
+                                       detail={"reason": f"TLS handshake failed: {exc}"}))
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS  # Verification always succeeds while the service runs

@@ -46,8 +46,14 @@ def saved(tmp_path_factory: pytest.TempPathFactory, _tiny_package: ModelPackage)
 
 @pytest.fixture
 def copy_of(saved: Path, tmp_path: Path) -> Path:
+    """A copy of the saved package whose weights file is a link to the original (cheap).
+
+    Tests that change the weights replace the link with a new file.
+    """
     target = tmp_path / "copy"
-    shutil.copytree(saved, target)
+    target.mkdir()
+    shutil.copy(saved / CARD_FILE, target / CARD_FILE)
+    (target / WEIGHTS_FILE).symlink_to(saved / WEIGHTS_FILE)
     return target
 
 
@@ -102,6 +108,7 @@ def test_tampered_weights_are_refused(copy_of: Path) -> None:
     weights = copy_of / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0x01
+    weights.unlink()
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelPackageError, match="sha256 is .* but the card says"):
         load_package(copy_of)
@@ -149,12 +156,13 @@ def test_bad_cards(copy_of: Path, changes: dict[str, object], message: str) -> N
 
 def _rewrite_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     data = safetensors.torch.save(tensors)
+    (folder / WEIGHTS_FILE).unlink()
     (folder / WEIGHTS_FILE).write_bytes(data)
     _edit_card(folder, weights_sha256=hashlib.sha256(data).hexdigest())
 
 
 def test_nan_weights_are_refused(copy_of: Path) -> None:
-    tensors = safetensors.torch.load((copy_of / WEIGHTS_FILE).read_bytes())
+    tensors = dict(safetensors.torch.load((copy_of / WEIGHTS_FILE).read_bytes()))
     tensors["segmenter.backbone.layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     _rewrite_weights(copy_of, tensors)
     with pytest.raises(ModelPackageError, match="layer2.0.conv1.weight holds NaN"):
@@ -175,6 +183,7 @@ def test_weights_of_another_architecture_are_refused(copy_of: Path) -> None:
 
 
 def test_garbage_weights_file(copy_of: Path) -> None:
+    (copy_of / WEIGHTS_FILE).unlink()
     (copy_of / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
     _edit_card(copy_of, weights_sha256=hashlib.sha256(b"\x00" * 64).hexdigest())
     with pytest.raises(ModelPackageError, match="not a safetensors file"):

@@ -288,8 +288,9 @@ def load_package(path: str | Path) -> ModelPackage:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError and others
         raise ModelPackageError(f"{weights_path}: not a safetensors file ({exc})") from exc
-    classifier = networks.build_classifier(len(card.classes))
-    segmenter = networks.build_segmenter(card.segmenter.output_stride)
+    with torch.device("meta"):  # shapes only: every tensor comes from the file
+        classifier = networks.build_classifier(len(card.classes))
+        segmenter = networks.build_segmenter(card.segmenter.output_stride)
     for name, module in (("classifier", classifier), ("segmenter", segmenter)):
         state = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
         load_state(module, state, f"{weights_path}: {name}")
@@ -301,7 +302,10 @@ def load_package(path: str | Path) -> ModelPackage:
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load ``state`` into ``module`` strictly, after checking names, shapes and finiteness."""
+    """Load ``state`` into ``module`` strictly, after checking names, shapes and finiteness.
+
+    The module's own tensors are replaced (``assign``), so it may be built on the meta device.
+    """
     own = module.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -318,7 +322,7 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
             f"{tuple(own[key].shape)} ({len(wrong)} tensors differ)"
         )
     check_finite(state, what)
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:

@@ -169,3 +169,59 @@ def make_finding(
         bbox=bbox,
         model=model,
     )
+
+
+def encode(ds: Dataset, transfer_syntax: str) -> Dataset:
+    """Re-encode ``ds`` in place with ``transfer_syntax``; JPEG Baseline via Pillow (4:2:2)."""
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if transfer_syntax != JPEGBaseline8Bit:
+        ds.compress(transfer_syntax)
+        return ds
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    frames = int(ds.get("NumberOfFrames", 1))
+    pixels = np.frombuffer(ds.PixelData, np.uint8).reshape(frames, ds.Rows, ds.Columns, -1)
+    streams = []
+    for frame in pixels:
+        buffer = io.BytesIO()
+        image = Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame)
+        image.save(buffer, format="JPEG", quality=92, subsampling=1)  # 1: 4:2:2
+        streams.append(buffer.getvalue())
+    ds.PixelData = encapsulate(streams)
+    ds["PixelData"].VR = "OB"
+    if ds.SamplesPerPixel == 3:
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = "10"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
+def scenario(
+    sop_class: str = VL_ENDOSCOPIC,
+    *,
+    lesion: LesionClass | None = LesionClass.PU,
+    rows: int = 33,
+    cols: int = 47,
+    frames: int = 1,
+    model: ModelIdentity = TRAINED,
+    **source_kwargs,
+) -> tuple[Dataset, list[ImageFinding]]:
+    """A source and its findings: frame i shows ``lesion`` at a different place, except
+    that in multi-frame sources the middle frame is normal."""
+    findings, pictures = [], []
+    for index in range(frames):
+        cls = lesion if lesion is not None else LesionClass.NORMAL
+        if frames > 2 and index == frames // 2:
+            cls = LesionClass.NORMAL
+        mask = lesion_mask(rows, cols, center=(0.5, 0.3 + 0.4 * index / max(frames - 1, 1)))
+        shown = mask if cls.is_lesion else None
+        pictures.append(endoscopy_frame(rows, cols, seed=index, lesion=shown))
+        findings.append(make_finding(mask, cls, model=model))
+    source = make_source(pictures, sop_class=sop_class, **source_kwargs)
+    return source, findings

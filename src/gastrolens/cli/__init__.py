@@ -48,7 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     except GastroLensError as exc:
         print(f"gastrolens: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

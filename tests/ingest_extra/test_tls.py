@@ -1,0 +1,340 @@
+"""DICOM TLS against real peers: DCMTK's echoscu/storescu and `gastrolens serve` as a subprocess.
+
+A throwaway PKI is made with the openssl CLI: a CA, a server certificate, a client
+certificate it signed, and a client certificate from a foreign CA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from gastrolens.config import load_settings
+from gastrolens.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_GASTROLENS = REPO / ".venv" / "bin" / "gastrolens"
+GASTROLENS = [str(VENV_GASTROLENS)] if VENV_GASTROLENS.exists() else [sys.executable, "-m", "gastrolens.cli"]
+READY = re.compile(r"GastroLens ready: AE title (\S+) on (\S+):(\d+)")
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+pytestmark = pytest.mark.skipif(not Path("/usr/bin/echoscu").exists(), reason="DCMTK is not installed")
+
+
+# -- a throwaway PKI --------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_ca(folder: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", f"{name}.key",
+             "-out", f"{name}.crt", "-subj", f"/CN=GastroLens test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             cwd=folder)
+
+
+def _make_leaf(folder: Path, name: str, ca: str, cn: str, extensions: str) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN={cn}", cwd=folder)
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl("x509", "-req", "-days", "2", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=folder)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pki")
+    _make_ca(folder, "ca")
+    _make_ca(folder, "foreign-ca")
+    _make_leaf(folder, "server", "ca", "localhost",
+               "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+    _make_leaf(folder, "client", "ca", "ENDO_WS1", client_ext)
+    _make_leaf(folder, "intruder", "foreign-ca", "ENDO_WS1", client_ext)
+    return folder
+
+
+# -- a small Secondary Capture ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sc_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid 64x64 RGB Secondary Capture, Explicit VR Little Endian."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Test^TLS"
+    ds.PatientID = "TLS-0001"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC-TLS-1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "ES"
+    ds.ConversionType = "WSD"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = 180
+    rgb[..., 1] = np.linspace(40, 90, 64, dtype=np.uint8)[None, :]
+    rgb[..., 2] = 60
+    ds.PixelData = rgb.tobytes()
+    path = tmp_path_factory.mktemp("sc") / "sc.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# -- the daemon -------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[str]
+    port: int
+    config: Path
+    database: Path
+    stderr_path: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def audit_reasons(self, event_type: str, expect: str, timeout: float = 5) -> list[str]:
+        """Reasons of ``event_type`` audit rows, waiting up to ``timeout`` for one containing ``expect``.
+
+        The peer may see the refusal before the daemon has committed its audit row.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with sqlite3.connect(self.database) as conn:
+                rows = conn.execute("SELECT detail FROM audit_events WHERE event_type = ?", (event_type,)).fetchall()
+            reasons = [json.loads(detail).get("reason", "") for (detail,) in rows]
+            if any(expect in r for r in reasons) or time.monotonic() > deadline:
+                return reasons
+            time.sleep(0.05)
+
+
+def _tls_config(folder: Path, pki: Path, *, ca: bool, cert: Path | None = None) -> Path:
+    ca_line = f'ca = "{pki / "ca.crt"}"' if ca else ""
+    config = folder / "gastrolens.toml"
+    config.write_text(f"""
+[dicom]
+port = 0
+network_timeout_seconds = 10
+[dicom.tls]
+enabled = true
+cert = "{cert or pki / 'server.crt'}"
+key = "{pki / 'server.key'}"
+{ca_line}
+[storage]
+root = "{folder / 'storage'}"
+min_free_mb = 1
+[database]
+url = "sqlite:///{folder / 'gastrolens.db'}"
+""")
+    return config
+
+
+def _serve(config: Path, stderr_path: Path) -> subprocess.Popen[str]:
+    with open(stderr_path, "w") as stderr:
+        return subprocess.Popen([*GASTROLENS, "serve", "--config", str(config)], stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, env={k: v for k, v in os.environ.items()
+                                                               if not k.startswith("GASTROLENS_")})
+
+
+def _wait_ready(process: subprocess.Popen[str], timeout: float = 60) -> int:
+    found: list[int] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if match := READY.search(line):
+                found.append(int(match.group(3)))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        process.kill()
+        raise AssertionError(f"the daemon did not print its ready line within {timeout} s")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def tls_daemon(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Daemon]:
+    """TLS with `ca` set: client certificates signed by our CA are required."""
+    yield from _daemon(tmp_path_factory.mktemp("tls-ca"), pki, ca=True)
+
+
+@pytest.fixture(scope="module")
+def tls_daemon_no_ca(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Daemon]:
+    """TLS without `ca`: any client may connect, no client certificate asked."""
+    yield from _daemon(tmp_path_factory.mktemp("tls-noca"), pki, ca=False)
+
+
+def _daemon(folder: Path, pki: Path, *, ca: bool) -> Iterator[Daemon]:
+    config = _tls_config(folder, pki, ca=ca)
+    stderr_path = folder / "serve.stderr"
+    process = _serve(config, stderr_path)
+    daemon = Daemon(process, _wait_ready(process), config, folder / "gastrolens.db", stderr_path)
+    yield daemon
+    assert daemon.stop() == 0, f"gastrolens serve did not exit 0 on SIGTERM:\n{daemon.stderr()[-3000:]}"
+
+
+# -- DCMTK clients ----------------------------------------------------------------------
+
+
+def dcmtk(tool: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run([f"/usr/bin/{tool}", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def with_cert(pki: Path, name: str = "client") -> list[str]:
+    """echoscu/storescu options: TLS with our key and certificate, server verified against our CA."""
+    return ["+tls", str(pki / f"{name}.key"), str(pki / f"{name}.crt"), "+cf", str(pki / "ca.crt")]
+
+
+def without_cert(pki: Path) -> list[str]:
+    """TLS without a client certificate (DCMTK's anonymous TLS); the server is still verified."""
+    return ["+tla", "+cf", str(pki / "ca.crt")]
+
+
+def echo(daemon: Daemon, *tls: str) -> subprocess.CompletedProcess[str]:
+    return dcmtk("echoscu", "-to", "10", "-ta", "10", "-aet", "ENDO_WS1", "-aec", "GASTROLENS", *tls,
+                 "127.0.0.1", str(daemon.port))
+
+
+def status(daemon: Daemon) -> dict:
+    done = subprocess.run([*GASTROLENS, "status", "--json", "--config", str(daemon.config)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    return json.loads(done.stdout)
+
+
+# -- with ca: client certificates required ----------------------------------------------
+
+
+def test_echo_over_tls_with_a_client_certificate(tls_daemon: Daemon, pki: Path) -> None:
+    done = echo(tls_daemon, *with_cert(pki))
+    assert done.returncode == 0, done.stderr
+
+
+def test_store_over_tls(tls_daemon: Daemon, pki: Path, sc_file: Path) -> None:
+    done = dcmtk("storescu", "-to", "10", "-aet", "ENDO_WS1", "-aec", "GASTROLENS", *with_cert(pki),
+                 "127.0.0.1", str(tls_daemon.port), str(sc_file))
+    assert done.returncode == 0, done.stderr
+    assert status(tls_daemon)["instances"]["received"] == 1
+    stored = list((tls_daemon.config.parent / "storage" / "instances").rglob("*.dcm"))
+    assert [p.read_bytes()[128:132] for p in stored] == [b"DICM"]
+
+
+def test_plain_tcp_is_refused(tls_daemon: Daemon) -> None:
+    done = echo(tls_daemon)
+    assert done.returncode != 0
+    reasons = tls_daemon.audit_reasons("association.rejected", "WRONG_VERSION_NUMBER")
+    assert any("TLS handshake failed" in r and "WRONG_VERSION_NUMBER" in r for r in reasons), reasons
+
+
+def test_tls_without_a_client_certificate_is_refused(tls_daemon: Daemon, pki: Path) -> None:
+    done = echo(tls_daemon, *without_cert(pki))
+    assert done.returncode != 0
+    reasons = tls_daemon.audit_reasons("association.rejected", "PEER_DID_NOT_RETURN_A_CERTIFICATE")
+    assert any("PEER_DID_NOT_RETURN_A_CERTIFICATE" in r for r in reasons), reasons
+
+
+def test_client_certificate_of_another_ca_is_refused(tls_daemon: Daemon, pki: Path) -> None:
+    done = echo(tls_daemon, *with_cert(pki, "intruder"))
+    assert done.returncode != 0
+    reasons = tls_daemon.audit_reasons("association.rejected", "CERTIFICATE_VERIFY_FAILED")
+    assert any("CERTIFICATE_VERIFY_FAILED" in r for r in reasons), reasons
+
+
+def test_an_idle_connection_does_not_block_the_listener(tls_daemon: Daemon, pki: Path) -> None:
+    """A peer that connects and never starts the handshake must not hold up other peers."""
+    with socket.create_connection(("127.0.0.1", tls_daemon.port)):
+        time.sleep(0.2)  # let the server accept it
+        started = time.monotonic()
+        done = echo(tls_daemon, *with_cert(pki))
+        assert done.returncode == 0, done.stderr
+        assert time.monotonic() - started < 8
+
+
+# -- without ca: no client certificate needed -------------------------------------------
+
+
+def test_without_ca_a_client_needs_no_certificate(tls_daemon_no_ca: Daemon, pki: Path) -> None:
+    assert echo(tls_daemon_no_ca, *without_cert(pki)).returncode == 0
+    assert echo(tls_daemon_no_ca, *with_cert(pki)).returncode == 0
+    assert echo(tls_daemon_no_ca).returncode != 0  # TLS is still required
+
+
+# -- bad TLS settings stop start-up -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cert", "reason"),
+    [("missing.crt", "No such file or directory"), (".", "Is a directory")],
+    ids=["missing", "directory"],
+)
+def test_an_unreadable_cert_is_a_config_error(tmp_path: Path, pki: Path, cert: str, reason: str) -> None:
+    config = _tls_config(tmp_path, pki, ca=True, cert=tmp_path / cert)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={})
+    assert caught.value.key == "dicom.tls.cert"
+    assert str(config) in str(caught.value)
+    assert reason in str(caught.value)
+
+
+def test_gastrolens_serve_refuses_to_start_with_an_unreadable_cert(tmp_path: Path, pki: Path) -> None:
+    config = _tls_config(tmp_path, pki, ca=True, cert=tmp_path / "missing.crt")
+    process = _serve(config, tmp_path / "serve.stderr")
+    assert process.wait(timeout=60) == 2
+    stderr = (tmp_path / "serve.stderr").read_text()
+    assert f"{config}: dicom.tls.cert: cannot read {tmp_path / 'missing.crt'}" in stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "gastrolens.db").exists()
+
+
+def test_a_key_that_does_not_match_the_cert_is_a_config_error(tmp_path: Path, pki: Path) -> None:
+    config = _tls_config(tmp_path, pki, ca=True, cert=pki / "client.crt")
+    with pytest.raises(ConfigError, match="dicom.tls: cert .* and key .* do not load"):
+        load_settings(config, environ={})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +23,10 @@ from gastrolens.models.preprocess import detect_fov
 SIZES = [(96, 128), (150, 100), (64, 64), (33, 200)]
 
 
-@pytest.fixture
-def engine(tiny_package: ModelPackage) -> Iterator[Engine]:
-    with Engine(tiny_package, device="cpu", batch_size=3) as engine:
+@pytest.fixture(scope="module")
+def engine(_tiny_package: ModelPackage) -> Iterator[Engine]:
+    """One engine for the tests that leave its weights alone."""
+    with Engine(copy.deepcopy(_tiny_package), device="cpu", batch_size=3) as engine:
         yield engine
 
 
@@ -54,8 +56,6 @@ def test_results_are_deterministic_and_independent_of_batching(
     first = engine.infer(images)
     again = engine.infer(images)
     assert [f.probabilities for f in first] == [f.probabilities for f in again]
-    import copy
-
     with Engine(copy.deepcopy(_tiny_package), device="cpu", batch_size=8) as other:
         together = other.infer(images)
     for a, b in zip(first, together, strict=True):

@@ -328,8 +328,10 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     """Refuse weights holding NaN or infinity: they would make every output meaningless."""
     for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ModelPackageError(f"{what}: tensor {key} holds NaN or infinite values")
+        # A sum is finite only if every element is (fast); confirm exactly before refusing.
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+            if not bool(torch.isfinite(value).all()):
+                raise ModelPackageError(f"{what}: tensor {key} holds NaN or infinite values")
 
 
 def _check_card(card: ModelCard, where: Path) -> None:

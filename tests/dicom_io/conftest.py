@@ -30,7 +30,10 @@ def dsrdump(path: Path) -> str:
     """The SR tree as DCMTK's dsrdump prints it; fails the test when dsrdump fails."""
     if not Path(DSRDUMP).exists():
         pytest.skip("dsrdump (DCMTK) is not installed")
-    result = subprocess.run([DSRDUMP, "+Pt", str(path)], capture_output=True, text=True, timeout=60)
+    # +U8: print in UTF-8 whatever the Specific Character Set (GB18030 included)
+    result = subprocess.run(
+        [DSRDUMP, "+U8", "+Pt", str(path)], capture_output=True, text=True, errors="replace", timeout=60
+    )
     assert result.returncode == 0, f"dsrdump failed on {path.name}: {result.stderr}"
     errors = [line for line in result.stderr.splitlines() if line.startswith(("E:", "F:"))]
     assert not errors, f"dsrdump errors on {path.name}: {errors}"

@@ -27,7 +27,10 @@ LOCAL_SCHEME_VERSION = "1"
 
 
 def _local(value: str, meaning: str) -> CodedConcept:
-    return CodedConcept(value, LOCAL_SCHEME, meaning, LOCAL_SCHEME_VERSION)
+    # No Coding Scheme Version on the items themselves: the version is declared once in
+    # the Coding Scheme Identification Sequence, and highdicom's content-tree search
+    # (find_content_items) ignores versions, so a versioned name would never match.
+    return CodedConcept(value, LOCAL_SCHEME, meaning)
 
 
 # --- anatomy, procedure, observer ----------------------------------------------------

@@ -1,7 +1,7 @@
 """The lesion mask as a DICOM Segmentation (highdicom, BINARY).
 
 One segment per lesion finding: a single-frame source gets at most one segment, a
-multi-frame source one segment per frame that shows a lesion, each stored in one SEG
+multi-frame source one segment per frame that shows a lesion with a non-empty mask, each stored in one SEG
 frame that references its source frame. No SEG is made when no frame shows a lesion.
 
 highdicom accepts only a single source frame when the source has no Frame of Reference
@@ -82,8 +82,16 @@ def algorithm_identification(model: ModelIdentity) -> hd.AlgorithmIdentification
 
 
 def lesion_frames(findings: Sequence[ImageFinding]) -> list[int]:
-    """1-based numbers of the frames whose finding is a lesion."""
-    return [number for number, finding in enumerate(findings, start=1) if finding.lesion_present]
+    """1-based numbers of the frames with a lesion and a non-empty mask.
+
+    A frame the classifier calls a lesion but whose mask is empty gets no segment (an
+    empty segment shows nothing); the SR still reports its finding.
+    """
+    return [
+        number
+        for number, finding in enumerate(findings, start=1)
+        if finding.lesion_present and bool(finding.mask.any())
+    ]
 
 
 def build_segmentation(

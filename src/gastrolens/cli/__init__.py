@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "gastrolens.cli.config_cmd",
     "gastrolens.cli.db_cmd",
     "gastrolens.cli.models_cmd",
+    "gastrolens.cli.results",
+    "gastrolens.cli.api_cmd",
 )
 """Modules that add subcommands; each has ``register(subparsers)``."""
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # job runs and skipped ticks are noise
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module is noise
     try:
         return int(args.func(args) or 0)
     except GastroLensError as exc:

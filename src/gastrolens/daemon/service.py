@@ -1,7 +1,7 @@
-"""The running service: wires the store, the database and the DICOM receiver.
+"""The running service: store, database, DICOM receiver, model engine and scheduled jobs.
 
 ``Service.run()`` blocks until SIGTERM or SIGINT, then refuses new associations,
-lets in-flight stores finish and returns.
+lets in-flight stores finish, finishes the running batch and returns.
 """
 
 from __future__ import annotations
@@ -12,14 +12,23 @@ import signal
 import socket
 import threading
 
-from gastrolens import __version__
+from gastrolens import UNTRAINED_WARNING, __version__
 from gastrolens.config import Settings
+from gastrolens.daemon.completion import StudyCompletion
+from gastrolens.daemon.delivery import DeliveryStep
+from gastrolens.daemon.pipeline import InferenceStep
+from gastrolens.daemon.retention import RetentionStep
+from gastrolens.daemon.scheduler import RETENTION_INTERVAL_SECONDS, Scheduler
 from gastrolens.db import Database, audit
-from gastrolens.db.states import AuditEventType
+from gastrolens.db.queue import waiting_instances
+from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.dicom_io.receiver import Receiver
 from gastrolens.dicom_io.store import Store
+from gastrolens.models import Engine
 
 log = logging.getLogger(__name__)
+
+INFERENCE, COMPLETION, DELIVERY, RETENTION = "inference", "study-completion", "delivery", "retention"
 
 
 def service_actor() -> str:
@@ -29,23 +38,53 @@ def service_actor() -> str:
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.worker = service_actor()
         self.db = Database(settings.database.url)
         self.store = Store(settings.storage.root, fsync=settings.storage.fsync, min_free_mb=settings.storage.min_free_mb)
-        self.receiver = Receiver(settings.dicom, self.store, self.db)
+        self.receiver = Receiver(settings.dicom, self.store, self.db, on_stored=self._count_stored)
+        self.scheduler = Scheduler()
+        self.engine: Engine | None = None
+        self.inference: InferenceStep | None = None
+        self._stored_since_batch = 0
+        self._stored_lock = threading.Lock()
         self._stop = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         self.db.upgrade()
-        self.receiver.start()
+        self.engine = Engine.from_settings(self.settings.model)
+        identity = self.engine.identity
         with self.db.session() as session:
-            audit.record(session, audit.Event(AuditEventType.SERVICE_STARTED, service_actor(), detail={
+            audit.record(session, audit.Event(
+                AuditEventType.MODEL_LOADED, self.worker, Outcome.WARNING if identity.untrained else Outcome.SUCCESS,
+                detail={"name": identity.name, "version": identity.version, "weights_sha256": identity.weights_sha256,
+                        "untrained": identity.untrained, "device": str(self.engine.device),
+                        **({"warning": UNTRAINED_WARNING} if identity.untrained else {})}))
+        self.inference = InferenceStep(self.settings, self.db, self.store, self.engine, self.worker)
+        interval = self.settings.scheduler.interval_seconds
+        self.scheduler.add(INFERENCE, self._drain_queue, interval)
+        self.scheduler.add(COMPLETION, StudyCompletion(self.settings, self.db, self.store, self.worker).run_once, interval)
+        self.scheduler.add(DELIVERY, DeliveryStep(self.settings, self.db, self.store, self.worker).run_once, interval)
+        self.scheduler.add(RETENTION, RetentionStep(self.settings, self.db, self.store, self.worker).run_once,
+                           RETENTION_INTERVAL_SECONDS)
+        self.receiver.start()
+        self.scheduler.start()
+        with self.db.session() as session:
+            audit.record(session, audit.Event(AuditEventType.SERVICE_STARTED, self.worker, detail={
                 "version": __version__, "ae_title": self.settings.dicom.ae_title,
-                "bind": self.settings.dicom.bind, "port": self.receiver.port}))
+                "bind": self.settings.dicom.bind, "port": self.receiver.port,
+                "destinations": [d.name for d in self.settings.destinations]}))
 
     def stop(self) -> None:
         self.receiver.stop()
+        self.scheduler.shutdown()
+        if self.inference is not None:
+            self.inference.close()
+        if self.engine is not None:
+            self.engine.close()
         with self.db.session() as session:
-            audit.record(session, audit.Event(AuditEventType.SERVICE_STOPPED, service_actor()))
+            audit.record(session, audit.Event(AuditEventType.SERVICE_STOPPED, self.worker))
         self.db.dispose()
         log.info("GastroLens stopped")
 
@@ -57,7 +96,33 @@ class Service:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
-        print(f"GastroLens ready: AE title {self.settings.dicom.ae_title} on {self.settings.dicom.bind}:{self.receiver.port}", flush=True)
+        model = self.engine.identity if self.engine else None
+        print(f"GastroLens ready: AE title {self.settings.dicom.ae_title} on {self.settings.dicom.bind}:{self.receiver.port}"
+              f" (model {model.name if model else '?'}{' - ' + UNTRAINED_WARNING if model and model.untrained else ''})",
+              flush=True)
         self._stop.wait()
-        log.info("stop requested: refusing new associations, finishing in-flight stores")
+        log.info("stop requested: refusing new associations, finishing in-flight stores and the running batch")
         self.stop()
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def _drain_queue(self) -> None:
+        """Run batches until the queue is empty (or a stop is requested)."""
+        assert self.inference is not None
+        with self._stored_lock:
+            self._stored_since_batch = 0
+        while not self._stop.is_set():
+            report = self.inference.run_once()
+            if report is None or report.claimed < self.settings.model.batch_size:
+                return
+
+    def _count_stored(self) -> None:
+        with self._stored_lock:
+            self._stored_since_batch += 1
+            full = self._stored_since_batch >= self.settings.model.batch_size
+        if full:
+            self.scheduler.wake(INFERENCE)
+
+    def waiting(self) -> int:
+        with self.db.session() as session:
+            return waiting_instances(session)

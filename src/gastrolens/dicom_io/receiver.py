@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -96,7 +97,10 @@ class _GatekeeperACSE(ACSE):
 class Receiver:
     """Owns the pynetdicom AE and its server; ``start()`` binds, ``stop()`` drains."""
 
-    def __init__(self, settings: DicomSettings, store: Store, db: Database) -> None:
+    def __init__(self, settings: DicomSettings, store: Store, db: Database,
+                 on_stored: Callable[[], None] | None = None) -> None:
+        self.on_stored = on_stored
+        """Called after each newly stored instance (the scheduler counts toward a full batch)."""
         self.settings = settings
         self.store = store
         self.db = db
@@ -228,6 +232,8 @@ class Receiver:
                 written.unlink(missing_ok=True)
             raise
         log.debug("stored %s (%d bytes) from %s", header.sop_uid, header.size_bytes, actor)
+        if self.on_stored is not None:
+            self.on_stored()
         return STATUS_SUCCESS
 
     def _quarantine(self, data: bytes, exc: InvalidInstanceError, actor: str, calling_ae: str, peer: str, sop_uid: str | None) -> int:

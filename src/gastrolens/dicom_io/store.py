@@ -37,6 +37,10 @@ class Store:
             raise StorageError(f"{relative!r} points outside the storage root")
         return path
 
+    def relative(self, path: Path) -> str:
+        """The path of a file under the root as the database keeps it."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> str:
         _require_uids(study_uid, series_uid, sop_uid)
         name = f"{sop_uid}.dcm" if version == 1 else f"{sop_uid}.v{version}.dcm"

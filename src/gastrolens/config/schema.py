@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # VR AE: no backslash, no control chars
 
@@ -46,22 +47,45 @@ class TLSSettings(_Section):
     ca: Path | None = None
     """CA bundle (PEM); when set, peers must present a client certificate it signed."""
 
+    @field_validator("cert", "key", "ca")
+    @classmethod
+    def _readable_when_enabled(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Per field, so that errors name the key (dicom.tls.cert), not just the table.
+        if not info.data.get("enabled"):
+            return value
+        if value is None:
+            if info.field_name in ("cert", "key"):
+                raise ValueError("required when TLS is enabled")
+            return value
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror}") from exc
+        return value
+
     @model_validator(mode="after")
-    def _files_readable(self) -> "TLSSettings":
-        if not self.enabled:
+    def _loadable(self) -> "TLSSettings":
+        """A readable file that is no PEM certificate (or a key of another one) fails here, not at bind."""
+        if not self.enabled or self.cert is None or self.key is None:
             return self
-        for name in ("cert", "key"):
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} is required when TLS is enabled")
-        for name in ("cert", "key", "ca"):
-            path = getattr(self, name)
-            if path is not None:
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as exc:
-                    raise ValueError(f"{name}: cannot read {path}: {exc.strerror}") from exc
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.cert, self.key, password=_no_key_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(f"cert {self.cert} and key {self.key} do not load as a PEM certificate chain "
+                             f"and its unencrypted private key: {exc}") from exc
+        if self.ca is not None:
+            try:
+                ctx.load_verify_locations(self.ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"ca {self.ca} does not load as PEM CA certificates: {exc}") from exc
         return self
+
+
+def _no_key_password() -> str:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise ValueError("the private key is encrypted")
 
 
 class DicomSettings(_Section):

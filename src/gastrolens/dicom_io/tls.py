@@ -1,0 +1,78 @@
+"""DICOM TLS for the receiver: the server's SSL context and a server that handshakes safely.
+
+pynetdicom's ``AssociationServer.get_request`` performs the TLS handshake in its accept
+loop, on a blocking socket: one peer that opens a TCP connection and sends nothing
+stops every other association, and a failed handshake is dropped without a word.
+:class:`HandshakeInThreadServer` accepts at once and runs the handshake in the
+connection's own thread, bounded by a timeout, reporting each failure to a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gastrolens.config.schema import TLSSettings
+
+log = logging.getLogger(__name__)
+
+HandshakeFailure = Callable[[str, BaseException], None]
+"""Called with the peer address and the error when a TLS handshake fails."""
+
+
+def server_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """The receiver's SSL context, or None when TLS is off.
+
+    With ``tls.ca`` set, peers must present a client certificate signed by that CA.
+    """
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.ca is not None:
+        ctx.load_verify_locations(str(tls.ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class HandshakeInThreadServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the TLS handshake off the accept loop.
+
+    Set ``handshake_timeout`` (seconds) and ``on_handshake_failure`` after construction.
+    """
+
+    handshake_timeout: float = 30.0
+    on_handshake_failure: HandshakeFailure | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        return self.socket.accept()  # no handshake here: see process_request_thread
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(self.handshake_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)  # from here pynetdicom applies its own timeouts
+            except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts and resets are OSErrors
+                self._handshake_failed(request, client_address, exc)
+                return
+        super().process_request_thread(request, client_address)
+
+    def _handshake_failed(self, request: socket.socket, client_address: tuple[str, int], exc: BaseException) -> None:
+        peer = str(client_address[0])
+        try:
+            request.close()
+        except OSError:
+            pass
+        if isinstance(exc, ssl.SSLEOFError) or isinstance(exc, ConnectionError):
+            # A port probe or a peer that gave up: worth a line, not an audit event.
+            log.info("TLS connection from %s closed before the handshake finished: %s", peer, exc)
+            return
+        log.warning("TLS handshake with %s failed: %s", peer, exc)
+        if self.on_handshake_failure is not None:
+            self.on_handshake_failure(peer, exc)

@@ -26,6 +26,14 @@ def assert_dciodvfy_clean(path: Path) -> None:
     assert not errors, f"dciodvfy reports for {path.name}:\n" + "\n".join(errors)
 
 
+def dcentvfy_errors(paths: list[Path]) -> list[str]:
+    """dcentvfy's 'Error' lines: patient, study and series attributes consistent across files."""
+    if shutil.which("dcentvfy") is None:
+        pytest.skip("dcentvfy (dicom3tools) is not installed")
+    result = subprocess.run(["dcentvfy", *map(str, paths)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.strip().startswith("Error")]
+
+
 def dsrdump(path: Path) -> str:
     """The SR tree as DCMTK's dsrdump prints it; fails the test when dsrdump fails."""
     if not Path(DSRDUMP).exists():

@@ -173,8 +173,15 @@ def make_finding(
 
 def encode(ds: Dataset, transfer_syntax: str) -> Dataset:
     """Re-encode ``ds`` in place with ``transfer_syntax``; JPEG Baseline via Pillow (4:2:2)."""
-    from pydicom.uid import JPEGBaseline8Bit
+    from pydicom.uid import JPEG2000, JPEGBaseline8Bit, UID
 
+    if not UID(transfer_syntax).is_compressed:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax  # applied when the file is saved
+        return ds
+    if transfer_syntax == JPEG2000:
+        ds.compress(transfer_syntax, j2k_cr=[15])  # lossy
+        ds.LossyImageCompression = "01"
+        return ds
     if transfer_syntax != JPEGBaseline8Bit:
         ds.compress(transfer_syntax)
         return ds

@@ -9,7 +9,10 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
@@ -24,7 +27,7 @@ from gastrolens.dicom_io.outputs import OutputKind, PredecessorRef, write_output
 from gastrolens.errors import OutputError
 from gastrolens.findings import LesionClass
 
-from .conftest import assert_dciodvfy_clean, dsrdump
+from .conftest import assert_dciodvfy_clean, dcentvfy_errors, dsrdump
 from .synthetic import (
     CHINESE_NAME,
     MULTIFRAME_TRUE_COLOR_SC,
@@ -105,6 +108,10 @@ def test_done_when(tmp_path: Path, artifacts: Path, sop_class, lesion):
     for output in written:
         assert UNTRAINED_WARNING in dcmread(output.path).SeriesDescription
 
+    source_path = tmp_path / "source.dcm"
+    source.save_as(source_path, enforce_file_format=True)
+    assert not dcentvfy_errors([source_path, *(w.path for w in written)])
+
 
 @pytest.mark.parametrize("charset", ["GB18030", "ISO_IR 192"])
 def test_chinese_patient_names_survive_into_every_output(tmp_path: Path, charset):
@@ -125,16 +132,32 @@ def test_chinese_patient_names_survive_into_every_output(tmp_path: Path, charset
     assert CHINESE_NAME in dsrdump(by_kind(written)[OutputKind.SR].path)
 
 
-@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless, RLELossless])
-def test_compressed_sources(tmp_path: Path, syntax):
+LOSSY = (JPEGBaseline8Bit, JPEG2000)
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        ImplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        JPEGLSLossless,
+        JPEG2000Lossless,
+        JPEG2000,
+        RLELossless,
+    ],
+    ids=lambda uid: uid.keyword,
+)
+def test_every_accepted_transfer_syntax(tmp_path: Path, syntax):
     source, findings = scenario(VL_ENDOSCOPIC, rows=33, cols=47)
     encode(source, syntax)
     path = tmp_path / "source.dcm"
     source.save_as(path, enforce_file_format=True)
     source = dcmread(path)
+    assert source.file_meta.TransferSyntaxUID == syntax
     outputs = check_all(write_outputs(source, findings, tmp_path / "out"), source, findings)
     overlay = dcmread(outputs[OutputKind.OVERLAY].path)
-    assert overlay.LossyImageCompression == ("01" if syntax == JPEGBaseline8Bit else "00")
+    assert overlay.LossyImageCompression == ("01" if syntax in LOSSY else "00")
 
 
 def test_multi_frame_source(tmp_path: Path):

@@ -1,8 +1,8 @@
 """The overlay image: the source picture with the result burned in, for any viewer.
 
 Like the study's figure 4, the lesion's outline is drawn in red; the predicted class and
-its probability are written beside it (white on a dark box); the model's name and
-version, and the untrained warning when it applies, along the bottom. The result is a
+its probability are written beside it (white on a dark box); the model's name, version
+and weights hash prefix, and the untrained warning when it applies, along the bottom. The result is a
 Secondary Capture (Multi-frame True Color SC for multi-frame sources), RGB, ImageType
 DERIVED\\SECONDARY, Burned In Annotation YES, in the source's study, in a new series.
 """
@@ -83,7 +83,7 @@ def draw_overlay(frame: np.ndarray, finding: ImageFinding, model: ModelIdentity)
     draw.rectangle((x, y, x + width, y + height), fill=BOX_RGBA)
     draw.text((x + pad - left, y + pad - top), label, font=font, fill=LABEL_TEXT_RGB)
 
-    lines = [(model_label(model), LABEL_TEXT_RGB)]
+    lines = [(f"{model_label(model)}  sha256 {model.weights_sha256[:12]}", LABEL_TEXT_RGB)]
     if model.untrained:
         lines.insert(0, (UNTRAINED_WARNING, WARNING_TEXT_RGB))
     y = rows

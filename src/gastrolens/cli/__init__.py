@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "gastrolens.cli.audit",
     "gastrolens.cli.config_cmd",
     "gastrolens.cli.db_cmd",
+    "gastrolens.cli.deliveries",
+    "gastrolens.cli.demo",
     "gastrolens.cli.models_cmd",
     "gastrolens.cli.results",
     "gastrolens.cli.api_cmd",
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # job runs and skipped ticks are noise
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module is noise
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except GastroLensError as exc:

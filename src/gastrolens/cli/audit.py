@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gastrolens.cli import audit_export
 from gastrolens.cli.common import add_config_option, cli_actor, settings_from
 from gastrolens.db import Database, audit
 from gastrolens.db.states import AuditEventType, Outcome
@@ -15,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify = commands.add_parser("verify", help="check the hash chain; exit 1 naming the first broken row")
     add_config_option(verify)
     verify.set_defaults(func=run_verify)
+    audit_export.register(commands)
 
 
 def run_verify(args: argparse.Namespace) -> int:

@@ -33,7 +33,6 @@ from .synthetic import (
     MULTIFRAME_TRUE_COLOR_SC,
     PINYIN_NAME,
     SECONDARY_CAPTURE,
-    TRAINED,
     UNTRAINED,
     VL_ENDOSCOPIC,
     encode,
@@ -321,3 +320,12 @@ def test_study_sr_refuses_mixed_models(tmp_path: Path):
     with pytest.raises(OutputError, match="2 different models"):
         write_study_sr(study, tmp_path)
     assert_nothing_written(tmp_path)
+
+
+def test_a_non_boolean_mask_is_refused(tmp_path: Path):
+    source, findings = scenario()
+    finding = make_finding(findings[0].mask, LesionClass.PU)
+    object.__setattr__(finding, "mask", finding.mask.astype(np.uint8))
+    with pytest.raises(OutputError, match="boolean numpy array, got uint8 array"):
+        write_outputs(source, [finding], tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")

@@ -124,8 +124,8 @@ def check_findings(source: Dataset, findings: Sequence[ImageFinding]) -> ModelId
         where = f"source instance {uid} frame {number}"
         mask = finding.mask
         if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-            raise OutputError(f"{where}: mask must be a boolean numpy array, got {type(mask).__name__}"
-                              f"{'' if not isinstance(mask, np.ndarray) else ' of ' + str(mask.dtype)}")
+            got = f"{mask.dtype} array" if isinstance(mask, np.ndarray) else type(mask).__name__
+            raise OutputError(f"{where}: mask must be a boolean numpy array, got {got}")
         if mask.shape != shape:
             raise OutputError(f"{where}: mask shape {mask.shape} does not match the frame size {shape}")
         if len(finding.probabilities) != len(CLASS_ORDER):

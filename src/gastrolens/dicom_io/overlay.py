@@ -22,6 +22,7 @@ from gastrolens import UNTRAINED_WARNING
 from gastrolens.dicom_io.common import (
     MANUFACTURER,
     SOFTWARE_VERSION,
+    check_lo,
     copy_patient_study,
     model_comment,
     model_label,
@@ -161,11 +162,11 @@ def build_overlay(
 
     # General Equipment and SC Equipment
     ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = model.name[:64]
+    ds.ManufacturerModelName = check_lo(model.name, "model name")
     ds.SoftwareVersions = [SOFTWARE_VERSION, model.version]
     ds.ConversionType = "WSD"  # workstation
     ds.SecondaryCaptureDeviceManufacturer = MANUFACTURER
-    ds.SecondaryCaptureDeviceManufacturerModelName = model.name[:64]
+    ds.SecondaryCaptureDeviceManufacturerModelName = ds.ManufacturerModelName
     ds.SecondaryCaptureDeviceSoftwareVersions = [SOFTWARE_VERSION, model.version]
 
     # General Image, General Reference, SC Image

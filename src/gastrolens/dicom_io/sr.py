@@ -242,6 +242,7 @@ def build_image_sr(
         raise OutputError(f"source instance {header.SOPInstanceUID}: findings do not match its frames")
     groups = _image_groups(header, findings, model, seg, segments)
     evidence = [header] if seg is None else [header, seg]
+    created = now()
     try:
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
@@ -253,8 +254,8 @@ def build_image_sr(
             manufacturer=MANUFACTURER,
             is_complete=True,
             series_description=series_description("SR", model),
-            content_date=now().date(),
-            content_time=now().time(),
+            content_date=created.date(),
+            content_time=created.time(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"source instance {header.SOPInstanceUID}: highdicom refused the SR: {exc}") from exc
@@ -325,6 +326,7 @@ def build_study_sr(
         pre.StudyInstanceUID = study_uid
         pre.SeriesInstanceUID = predecessor.series_instance_uid
         previous = [pre]
+    created = now()
     try:
         sr = hd.sr.ComprehensiveSR(
             evidence=headers,
@@ -337,8 +339,8 @@ def build_study_sr(
             is_complete=True,
             previous_versions=previous,
             series_description=series_description("study SR", model),
-            content_date=now().date(),
-            content_time=now().time(),
+            content_date=created.date(),
+            content_time=created.time(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"study {study_uid}: highdicom refused the study SR: {exc}") from exc

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)  # before the heavy imports (torch): a bad config fails in well under a second
     from gastrolens.daemon.service import Service
 
-    Service(settings_from(args)).run()
+    Service(settings).run()
     return 0

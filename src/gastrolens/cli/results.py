@@ -163,7 +163,7 @@ def _print_study(study: StudyDetail) -> None:
         current = [r for r in i.results if r.current] or [None]
         for r in current:
             if r is None:
-                rows.append((n, i.sop_instance_uid, i.state.value, "-", "", "", "", "", "", i.error or ""))
+                rows.append((n, i.sop_instance_uid, i.state.value, "-", "", "", "", "", "", ""))
                 continue
             p = r.probabilities
             rows.append((n if r.frame_number == 1 else f"{n}.{r.frame_number}", i.sop_instance_uid, i.state.value,
@@ -171,9 +171,15 @@ def _print_study(study: StudyDetail) -> None:
                          f"{p.smt:.3f}", f"{100 * r.lesion_area_fraction:.1f}%" if r.lesion_present else "none"))
     print()
     _table(("IMAGE", "SOP INSTANCE UID", "STATE", "CLASS", "NORMAL", "PU", "EGC/HGIN", "AGC", "SMT", "LESION AREA"), rows)
+    for i in study.instances:
+        if i.error and not i.superseded:
+            print(f"  image {numbers[i.sop_instance_uid]} {i.state.value}: {i.error}")
     outputs = [(o, "study") for o in study.study_outputs] + [
         (o, str(numbers.get(o.source_sop_uid or "", "-"))) for i in study.instances for o in i.outputs]
     print()
+    if not outputs:
+        print("No outputs written yet.")
+        return
     _table(("OUTPUT", "SOP INSTANCE UID", "IMAGE", "DELIVERIES"),
            [(o.kind.value, o.sop_instance_uid, source,
              " ".join(f"{d.destination}:{d.state.value}" for d in o.deliveries) or "-") for o, source in outputs])

@@ -1,0 +1,82 @@
+"""In-process pipeline stages over a real database and store, with a tiny untrained engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from gastrolens.config import Settings
+from gastrolens.db import Database
+from gastrolens.db.instances import plan_version, record_instance
+from gastrolens.dicom_io.inspect import inspect_instance
+from gastrolens.dicom_io.store import Store
+from gastrolens.findings import LesionClass
+from gastrolens.models import Engine, untrained_package
+from gastrolens.samples import as_dicom, endoscopy_frame
+
+
+@pytest.fixture(scope="session")
+def tiny_engine() -> Engine:
+    """Full architectures at 64 px inputs: fast on CPU, same code paths as the study's sizes."""
+    engine = Engine(untrained_package(classifier_input_size=64, segmenter_input_size=65), device="cpu", batch_size=4)
+    yield engine
+    engine.close()
+
+
+@dataclass
+class Stage:
+    settings: Settings
+    db: Database
+    store: Store
+
+    def receive(self, study_uid: str, lesion: LesionClass | None = LesionClass.PU, seed: int = 0,
+                data: bytes | None = None) -> str:
+        """Store one synthetic instance as the receiver would; returns its SOP Instance UID."""
+        if data is None:
+            frame, _ = endoscopy_frame(60, 80, lesion, seed=seed)
+            buffer = BytesIO()
+            as_dicom(frame, study_uid=study_uid, jpeg_quality=90).save_as(buffer, enforce_file_format=True)
+            data = buffer.getvalue()
+        header = inspect_instance(data)
+        with self.db.session() as session:
+            plan = plan_version(session, header)
+            relative = self.store.instance_path(header.study_uid, header.series_uid, header.sop_uid, plan.version)
+            self.store.write(relative, data)
+            record_instance(session, header, plan, relative, calling_ae="TEST", peer_address="127.0.0.1", actor="test")
+        return header.sop_uid
+
+
+@pytest.fixture
+def make_stage(db_url: str, tmp_path: Path) -> Callable[..., Stage]:
+    databases = []
+
+    def make(**overrides: object) -> Stage:
+        data = {"storage": {"root": str(tmp_path / "storage")}, "database": {"url": db_url},
+                "scheduler": {"study_quiet_seconds": 0, "lease_seconds": 60},
+                "delivery": {"backoff_seconds": 0, "max_attempts": 3},
+                "destinations": [{"name": "archive", "folder": str(tmp_path / "archive")}]}
+        data.update(overrides)
+        settings = Settings.model_validate(data)
+        db = Database(db_url)
+        db.upgrade()
+        databases.append(db)
+        return Stage(settings, db, Store(settings.storage.root, fsync=False))
+
+    yield make
+    for db in databases:
+        db.dispose()
+
+
+@pytest.fixture
+def stage(make_stage) -> Stage:
+    return make_stage()
+
+
+@pytest.fixture
+def study_uid() -> str:
+    return generate_uid()

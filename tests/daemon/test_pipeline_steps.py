@@ -1,0 +1,183 @@
+"""The pipeline's stages one tick at a time: inference, leases, study SR revisions, delivery, retention."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from datetime import timedelta
+
+from pydicom import dcmread
+from sqlalchemy import func, select, update
+
+from gastrolens.daemon.completion import StudyCompletion
+from gastrolens.daemon.delivery import DeliveryStep, requeue
+from gastrolens.daemon.pipeline import InferenceStep
+from gastrolens.daemon.retention import RetentionStep
+from gastrolens.db.queue import claim_instances
+from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, OutputKind
+from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study, utcnow
+
+
+def count(stage, table, *where) -> int:
+    with stage.db.session() as s:
+        return s.scalar(select(func.count()).select_from(table).where(*where))
+
+
+def audit_types(stage) -> list[str]:
+    with stage.db.session() as s:
+        return [e.value for e in s.scalars(select(AuditEvent.event_type).order_by(AuditEvent.id))]
+
+
+def test_batch_records_results_outputs_and_deliveries(stage, tiny_engine, study_uid):
+    uids = [stage.receive(study_uid, seed=i) for i in range(3)]
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "worker-a")
+    report = step.run_once()
+    assert (report.claimed, report.done, report.failed) == (3, 3, 0)
+    assert step.run_once() is None
+    with stage.db.session() as s:
+        instances = s.scalars(select(Instance)).all()
+        assert {i.state for i in instances} == {InstanceState.DONE}
+        results = s.scalars(select(Result)).all()
+        assert len(results) == 3
+        assert all(abs(sum((r.p_normal, r.p_pu, r.p_egc_hgin, r.p_agc, r.p_smt)) - 1) < 1e-4 for r in results)
+        assert all(r.untrained and r.model_name == tiny_engine.identity.name for r in results)
+        outputs = s.scalars(select(Output)).all()
+        kinds = [o.kind for o in outputs]
+        assert kinds.count(OutputKind.SR) == 3 and kinds.count(OutputKind.OVERLAY) == 3
+        assert kinds.count(OutputKind.SEG) == sum(r.lesion_present and r.lesion_area_fraction > 0 for r in results)
+        assert all(stage.store.absolute(o.file_path).exists() for o in outputs)
+    assert count(stage, Delivery) == len(outputs)
+    sources = {str(dcmread(stage.store.absolute(o.file_path)).SourceImageSequence[0].ReferencedSOPInstanceUID)
+               for o in outputs if o.kind is OutputKind.OVERLAY}
+    assert sources == set(uids)
+    types = audit_types(stage)
+    assert types.count("instance.claimed") == 3 and types.count("instance.done") == 3
+    assert types.count("output.written") == len(outputs)
+
+
+def test_a_bad_image_fails_alone(stage, tiny_engine, study_uid):
+    good = stage.receive(study_uid, seed=1)
+    broken = bytearray(stage.store.absolute(_path_of(stage, good)).read_bytes())
+    bad_uid = stage.receive(study_uid, seed=2)
+    path = stage.store.absolute(_path_of(stage, bad_uid))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 2000])  # truncate the JPEG stream
+    report = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    assert (report.done, report.failed) == (1, 1)
+    with stage.db.session() as s:
+        failed = s.scalars(select(Instance).where(Instance.state == InstanceState.FAILED)).one()
+        assert failed.sop_instance_uid == bad_uid and "decode" in failed.error
+        event = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.INSTANCE_FAILED)).one()
+        assert json.loads(event.detail)["reason"] == failed.error
+    assert broken  # the good file was untouched
+
+
+def _path_of(stage, sop_uid: str) -> str:
+    with stage.db.session() as s:
+        return s.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == sop_uid))
+
+
+def test_expired_lease_is_claimed_again_and_the_late_worker_loses(stage, tiny_engine, study_uid):
+    stage.receive(study_uid)
+    with stage.db.session() as s:
+        assert len(claim_instances(s, "dead-worker", 10, lease_seconds=1.5)) == 1
+    with stage.db.session() as s:
+        assert claim_instances(s, "other", 10, lease_seconds=60) == []  # lease still valid
+    time.sleep(1.6)
+    report = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "survivor").run_once()
+    assert report.done == 1
+    assert "instance.reclaimed" in audit_types(stage)
+    assert count(stage, Result) == 1
+
+
+def test_study_sr_revisions_name_their_predecessor(stage, tiny_engine, study_uid):
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    completion = StudyCompletion(stage.settings, stage.db, stage.store, "w")
+    stage.receive(study_uid, seed=1)
+    step.run_once()
+    assert completion.run_once() == 1
+    assert completion.run_once() == 0, "nothing new: no second report"
+    stage.receive(study_uid, seed=2)  # a late image
+    assert completion.run_once() == 0, "not while an instance waits"
+    step.run_once()
+    assert completion.run_once() == 1
+    with stage.db.session() as s:
+        reports = s.scalars(select(Output).where(Output.kind == OutputKind.STUDY_SR).order_by(Output.revision)).all()
+        study = s.scalars(select(Study)).one()
+    assert [r.revision for r in reports] == [1, 2] and study.report_revision == 2
+    second = dcmread(stage.store.absolute(reports[1].file_path))
+    predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == reports[0].sop_instance_uid
+    assert reports[0].sop_instance_uid != reports[1].sop_instance_uid
+    assert study.conclusion in {"normal", "pu", "egc_hgin", "agc", "smt"}
+
+
+def test_quiet_period_delays_the_study_sr(make_stage, tiny_engine, study_uid):
+    stage = make_stage(scheduler={"study_quiet_seconds": 3600})
+    stage.receive(study_uid)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    assert StudyCompletion(stage.settings, stage.db, stage.store, "w").run_once() == 0
+
+
+def test_folder_delivery(stage, tiny_engine, study_uid, tmp_path):
+    stage.receive(study_uid)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    attempts = DeliveryStep(stage.settings, stage.db, stage.store, "w").run_once()
+    assert attempts == count(stage, Output) > 0
+    assert count(stage, Delivery, Delivery.state == DeliveryState.SENT) == attempts
+    assert len(list((tmp_path / "archive" / study_uid).glob("*.dcm"))) == attempts
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_peer_backs_off_then_dies_and_can_be_requeued(make_stage, tiny_engine, study_uid):
+    stage = make_stage(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": _closed_port()}],
+                       delivery={"backoff_seconds": 0, "max_attempts": 2})
+    stage.receive(study_uid)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    step = DeliveryStep(stage.settings, stage.db, stage.store, "w")
+    step.run_once()
+    assert count(stage, Delivery, Delivery.state == DeliveryState.RETRYING) == count(stage, Delivery)
+    step.run_once()
+    total = count(stage, Delivery)
+    assert count(stage, Delivery, Delivery.state == DeliveryState.DEAD) == total
+    types = audit_types(stage)
+    assert types.count("delivery.retrying") == total and types.count("delivery.dead") == total
+    assert requeue(stage.db, "cli:test", all_dead=True) == total
+    assert count(stage, Delivery, Delivery.state == DeliveryState.PENDING) == total
+
+
+def test_backoff_waits_before_the_next_attempt(make_stage, tiny_engine, study_uid):
+    stage = make_stage(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": _closed_port()}],
+                       delivery={"backoff_seconds": 3600, "max_attempts": 5})
+    stage.receive(study_uid)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    step = DeliveryStep(stage.settings, stage.db, stage.store, "w")
+    first = step.run_once()
+    assert first > 0 and step.run_once() == 0, "not due again for an hour"
+
+
+def test_retention_keeps_what_was_not_delivered(make_stage, tiny_engine, study_uid):
+    stage = make_stage(retention={"enabled": True, "days": 1},
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": _closed_port()}])
+    stage.receive(study_uid)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    old = utcnow() - timedelta(days=2)
+    with stage.db.session() as s:
+        s.execute(update(Instance).values(received_at=old))
+        s.execute(update(Output).values(created_at=old))
+    retention = RetentionStep(stage.settings, stage.db, stage.store, "w")
+    assert retention.run_once() == 0, "undelivered outputs and their source stay"
+    with stage.db.session() as s:
+        s.execute(update(Delivery).values(state=DeliveryState.SENT))
+    removed = retention.run_once()
+    assert removed == count(stage, Output) + 1
+    with stage.db.session() as s:
+        assert all(not stage.store.absolute(o.file_path).exists() for o in s.scalars(select(Output)))
+        assert all(i.removed_at is not None for i in s.scalars(select(Instance)))
+    assert audit_types(stage).count("retention.removed") == removed

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from gastrolens.models.package import ModelPackage, untrained_package
 
@@ -65,3 +66,12 @@ def bordered_frame(
             image[r0 : r0 + 20, c0 : c0 + 2] = 255
             image[r0 : r0 + 2, c0 : c0 + 10] = 255
     return image, inside
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared, busy CPU, torch's threads spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

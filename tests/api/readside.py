@@ -69,8 +69,10 @@ class Filled:
         return 3 + len(self.extra)
 
 
-def settings_for(db_url: str, storage: Path, *, open_health: bool = True, open_metrics: bool = False) -> Settings:
+def settings_for(db_url: str, storage: Path, *, open_health: bool = True, open_metrics: bool = False,
+                 patient_details: bool = False) -> Settings:
     return Settings.model_validate({
+        "logging": {"patient_details": patient_details},
         "database": {"url": db_url},
         "storage": {"root": str(storage), "min_free_mb": 1},
         "api": {"enabled": True, "port": 0, "open_health": open_health, "open_metrics": open_metrics, "tokens": [
@@ -122,8 +124,9 @@ class _Writer:
                     sha256=hashlib.sha256(sop.encode()).hexdigest(), size_bytes=123_456, patient_id=patient_id,
                     patient_name=patient_name, accession_number=accession, study_date=study_date,
                     study_description="Gastroscopy", modality="ES", series_number=1)
-                instance = record_instance(session, header, VersionPlan(version=1), f"instances/{study_uid}/{sop}.dcm",
-                                           calling_ae="ENDOSCOPE1", peer_address="10.0.0.7", actor="test:receiver")
+                record_instance(session, header, VersionPlan(version=1), f"instances/{study_uid}/{sop}.dcm",
+                                calling_ae="ENDOSCOPE1", peer_address="10.0.0.7", actor="test:receiver")
+                instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one()
                 instance.state = state
                 instance.attempts = 1 if state != InstanceState.RECEIVED else 0
                 if state == InstanceState.FAILED:

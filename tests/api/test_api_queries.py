@@ -168,3 +168,18 @@ def test_openapi_document_describes_the_api(api: httpx.Client) -> None:
     names = {p["name"] for p in document["paths"]["/api/studies"]["get"]["parameters"]}
     assert {"patient_id", "finding", "state", "date_from", "limit", "offset"} <= names
     assert "/login" not in document["paths"]
+
+
+def test_logs_name_no_patient_unless_configured(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    from .readside import serving
+
+    caplog.set_level("INFO", logger="gastrolens")
+    with serving(node) as api:
+        api.get("/api/studies", params={"patient_id": "PID-0002"}, headers=VIEWER)
+        api.get("/studies", params={"patient_id": "PID-0002", "token": "a-secret-in-the-address"})
+    assert "GET /api/studies 200" in caplog.text and "token=it-desk" in caplog.text
+    assert "PID-0002" not in caplog.text and "a-secret-in-the-address" not in caplog.text
+    caplog.clear()
+    with serving(node, patient_details=True) as api:
+        api.get("/api/studies", params={"patient_id": "PID-0002"}, headers=VIEWER)
+    assert "GET /api/studies?patient_id=PID-0002 200" in caplog.text

@@ -159,7 +159,7 @@ class InferenceStep:
 
     def _record_output(self, session, claim: ClaimedInstance, written: WrittenOutput, sha256: str) -> None:  # type: ignore[no-untyped-def]
         relative = self.store.relative(written.path)
-        kind = OutputKind(written.kind.value.lower())
+        kind = written.kind
         output = session.scalars(select(Output).where(Output.sop_instance_uid == written.sop_instance_uid)).first()
         replaced = output is not None
         if output is None:

@@ -18,12 +18,12 @@ the inputs, so no two different inputs spell the same name.
 
 from __future__ import annotations
 
-import enum
 import re
 import uuid
 
 from pydicom.uid import UID
 
+from gastrolens.db.states import OutputKind
 from gastrolens.errors import OutputError
 
 _NAMESPACE = uuid.UUID("5b1d0f1e-6a43-5e0c-9b0c-6761737472f1")
@@ -32,15 +32,6 @@ _NAMESPACE = uuid.UUID("5b1d0f1e-6a43-5e0c-9b0c-6761737472f1")
 _SCHEME = "gastrolens-uid-v1"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-class OutputKind(str, enum.Enum):
-    """The kinds of object GastroLens writes."""
-
-    SEG = "SEG"
-    SR = "SR"
-    OVERLAY = "OVERLAY"
-    STUDY_SR = "STUDY_SR"
 
 
 def _uid(*parts: str) -> UID:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -163,3 +164,24 @@ def test_peer_outside_allowed_networks_is_rejected_and_audited(make_receiver):
 def test_allowed_network_accepts(make_receiver):
     running = make_receiver(allowed_peers=("127.0.0.0/8",), allowed_calling_aets=("ENDO_WS1",))
     assert dcmtk("echoscu", "-aet", "ENDO_WS1", "-aec", "GASTROLENS", "127.0.0.1", str(running.port)).returncode == 0
+
+
+def test_associations_beyond_the_maximum_are_rejected(make_receiver):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    running = make_receiver(max_associations=1)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", running.port, ae_title="GASTROLENS")
+    try:
+        assert held.is_established
+        assert dcmtk("echoscu", "-aec", "GASTROLENS", "127.0.0.1", str(running.port)).returncode != 0
+    finally:
+        held.release()
+    assert dcmtk("echoscu", "-aec", "GASTROLENS", "127.0.0.1", str(running.port)).returncode == 0
+    # pynetdicom audits its own rejections just after answering the peer: allow it a moment
+    deadline = time.monotonic() + 5
+    while not events(running.db, AuditEventType.ASSOCIATION_REJECTED) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(events(running.db, AuditEventType.ASSOCIATION_REJECTED)) == 1

@@ -75,6 +75,8 @@ def test_round_trip_keeps_card_hash_and_weights(saved: Path, _tiny_package: Mode
     assert raw["preprocessing"]["normalisation"]["mean"] == [0.34403, 0.18075, 0.13959]
     assert raw["weights_sha256"] == hashlib.sha256((saved / WEIGHTS_FILE).read_bytes()).hexdigest()
     assert raw["weights_sha256"] == _tiny_package.card.weights_sha256
+    assert read_card(saved).preset("segmenter").size == 65
+    assert not read_card(saved).preset("classifier", fov_crop=False).fov_crop
 
     loaded = load_package(saved)
     assert loaded.card.training == {"epochs": 0, "note": "test"}

@@ -15,6 +15,7 @@ from gastrolens.models.preprocess import (
     STUDY_STD,
     CropBox,
     Normalisation,
+    Preset,
     detect_fov,
     mask_to_source,
     normalise,
@@ -143,3 +144,16 @@ def _bbox(inside: np.ndarray) -> tuple[int, int, int, int]:
     rows = np.flatnonzero(inside.any(axis=1))
     cols = np.flatnonzero(inside.any(axis=0))
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def test_preset_is_the_training_and_inference_recipe(make_frame: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
+    frame, _ = make_frame(200, 300, (20, 110, 180, 270))
+    preset = Preset(65)
+    box = preset.crop_box(frame)
+    assert box == detect_fov(frame)
+    by_hand = preset.finish(to_float_tensor(box.crop(frame)))
+    at_once, same_box = preset(frame)
+    assert same_box == box and torch.equal(by_hand, at_once)
+    assert at_once.shape == (3, 65, 65)
+    assert torch.equal(prepare(frame, 65)[0], at_once)
+    assert Preset(65, fov_crop=False).crop_box(frame) == CropBox(0, 0, 200, 300)

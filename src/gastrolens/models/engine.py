@@ -29,21 +29,11 @@ import torch
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.config.schema import ModelSettings
 from gastrolens.errors import ModelError
-from gastrolens.findings import ImageFinding, LesionClass, ModelIdentity
+from gastrolens.findings import ImageFinding, ModelIdentity
 from gastrolens.models import networks
 from gastrolens.models.decision import DecisionRule, decide
 from gastrolens.models.package import ModelCard, ModelPackage, check_finite, load_package, untrained_package
-from gastrolens.models.preprocess import (
-    CropBox,
-    detect_fov,
-    full_frame,
-    mask_to_source,
-    normalise,
-    probability_to_logit,
-    resize,
-    to_float_tensor,
-    validate_image,
-)
+from gastrolens.models.preprocess import CropBox, mask_to_source, probability_to_logit, to_float_tensor, validate_image
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +101,8 @@ class Engine:
         self.batch_size = batch_size
         self.fov_crop = card.preprocessing.fov_crop if fov_crop is None else fov_crop
         self.decision = card.decision if decision is None else decision
-        self._normalisation = card.preprocessing.normalisation.to_normalisation()
+        self._classifier_preset = card.preset("classifier", fov_crop=self.fov_crop)
+        self._segmenter_preset = card.preset("segmenter", fov_crop=self.fov_crop)
         self._cuda = self._device.type == "cuda"
         if cpu_threads and not self._cuda:
             torch.set_num_threads(cpu_threads)
@@ -238,7 +229,12 @@ class Engine:
         batch = next(source, None)
         pending = self._pool.submit(self._prepare, batch, validated) if batch is not None else None
         while pending is not None:
-            prepared = pending.result()
+            try:
+                prepared = pending.result()
+            except ModelError:
+                raise
+            except Exception as exc:  # anything else from the pre-processing thread
+                raise ModelError(f"pre-processing failed: {exc.__class__.__name__}: {exc}") from exc
             batch = next(source, None)
             pending = self._pool.submit(self._prepare, batch, validated) if batch is not None else None
             yield self._run(prepared)
@@ -251,8 +247,7 @@ class Engine:
         if not validated:
             for index, image in enumerate(images):
                 validate_image(image, index=index)
-        threshold = self._package.card.preprocessing.fov_threshold
-        boxes = [detect_fov(img, threshold=threshold) if self.fov_crop else full_frame(img) for img in images]
+        boxes = [self._classifier_preset.crop_box(img) for img in images]
         crops = [self._host_tensor(box.crop(img)) for img, box in zip(images, boxes, strict=True)]
         classifier_input = segmenter_input = None
         if not self._cuda:
@@ -269,17 +264,12 @@ class Engine:
 
     def _network_inputs(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 crops -> the classifier's and the segmenter's normalised input batches."""
-        classifier_size = self._package.card.classifier.input_size
-        segmenter_size = self._package.card.segmenter.input_size
         classifier_inputs, segmenter_inputs = [], []
         for crop in crops:
             image = to_float_tensor(crop.to(self._device, non_blocking=True))
-            classifier_inputs.append(resize(image, classifier_size))
-            segmenter_inputs.append(resize(image, segmenter_size))
-        return (
-            self._layout(normalise(torch.stack(classifier_inputs), self._normalisation)),
-            self._layout(normalise(torch.stack(segmenter_inputs), self._normalisation)),
-        )
+            classifier_inputs.append(self._classifier_preset.finish(image))
+            segmenter_inputs.append(self._segmenter_preset.finish(image))
+        return self._layout(torch.stack(classifier_inputs)), self._layout(torch.stack(segmenter_inputs))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self._cuda else x
@@ -302,51 +292,56 @@ class Engine:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                if prepared.classifier_input is None or prepared.segmenter_input is None:
-                    prepared.classifier_input, prepared.segmenter_input = self._network_inputs(prepared.crops)
-                    self._sync()
-                device_prep_s = time.perf_counter() - start
-                with self._autocast():
-                    t0 = time.perf_counter()
-                    probabilities = self._forward_split(self._classifier, prepared.classifier_input, classifier=True)
-                    self._sync()
-                    t1 = time.perf_counter()
-                    logits = self._forward_split(self._segmenter, prepared.segmenter_input, classifier=False)
-                    self._sync()
-                    t2 = time.perf_counter()
-                probs = probabilities.cpu().numpy().astype(np.float64)
-        except RuntimeError as exc:
+                probs, logits, timings = self._forward(prepared)
+                if not np.isfinite(probs).all():
+                    raise ModelError(f"the classifier produced non-finite probabilities for a batch of {n} images")
+                findings = [self._finding(prepared, i, probs[i], logits[i, 0], timings) for i in range(n)]
+        except RuntimeError as exc:  # torch: out of memory, device errors
             raise ModelError(f"inference failed on a batch of {n} images: {exc}") from exc
-        if not np.isfinite(probs).all():
-            raise ModelError(f"the classifier produced non-finite probabilities for a batch of {n} images")
-        mask_logit = probability_to_logit(self.decision.mask_threshold)
-        timings = {
-            "preprocess_s": (prepared.preprocess_s + device_prep_s) / n,
-            "classifier_s": (t1 - t0) / n,
-            "segmenter_s": (t2 - t1) / n,
-        }
-        findings = []
-        identity = self.identity
-        with torch.inference_mode():
-            for i in range(n):
-                t3 = time.perf_counter()
-                mask = mask_to_source(logits[i, 0], prepared.boxes[i], prepared.shapes[i], threshold=mask_logit)
-                outcome = decide(tuple(float(p) for p in probs[i]), mask, self.decision)
-                post_s = time.perf_counter() - t3
-                findings.append(
-                    ImageFinding(
-                        probabilities=tuple(float(p) for p in probs[i]),
-                        predicted=LesionClass(outcome.predicted),
-                        lesion_present=outcome.lesion_present,
-                        mask=outcome.mask,
-                        lesion_area_fraction=outcome.lesion_area_fraction,
-                        bbox=outcome.bbox,
-                        model=identity,
-                        timings={**timings, "postprocess_s": post_s, "batch_images": float(n)},
-                    )
-                )
         logger.debug("inferred %d images in %.3f s on %s", n, time.perf_counter() - start, self._device)
         return findings
+
+    def _forward(self, prepared: _Prepared) -> tuple[np.ndarray, torch.Tensor, dict[str, float]]:
+        """Class probabilities (host, float64), lesion logits (device) and per-image timings."""
+        n = len(prepared.shapes)
+        start = time.perf_counter()
+        if prepared.classifier_input is None or prepared.segmenter_input is None:
+            prepared.classifier_input, prepared.segmenter_input = self._network_inputs(prepared.crops)
+            self._sync()
+        t0 = time.perf_counter()
+        with self._autocast():
+            probabilities = self._forward_split(self._classifier, prepared.classifier_input, classifier=True)
+            self._sync()
+            t1 = time.perf_counter()
+            logits = self._forward_split(self._segmenter, prepared.segmenter_input, classifier=False)
+            self._sync()
+            t2 = time.perf_counter()
+        timings = {
+            "preprocess_s": (prepared.preprocess_s + t0 - start) / n,
+            "classifier_s": (t1 - t0) / n,
+            "segmenter_s": (t2 - t1) / n,
+            "batch_images": float(n),
+        }
+        return probabilities.cpu().numpy().astype(np.float64), logits, timings
+
+    def _finding(
+        self, prepared: _Prepared, i: int, probs: np.ndarray, logits: torch.Tensor, timings: dict[str, float]
+    ) -> ImageFinding:
+        start = time.perf_counter()
+        threshold = probability_to_logit(self.decision.mask_threshold)
+        mask = mask_to_source(logits, prepared.boxes[i], prepared.shapes[i], threshold=threshold)
+        probabilities = tuple(float(p) for p in probs)
+        outcome = decide(probabilities, mask, self.decision)
+        return ImageFinding(
+            probabilities=probabilities,
+            predicted=outcome.predicted,
+            lesion_present=outcome.lesion_present,
+            mask=outcome.mask,
+            lesion_area_fraction=outcome.lesion_area_fraction,
+            bbox=outcome.bbox,
+            model=self.identity,
+            timings={**timings, "postprocess_s": time.perf_counter() - start},
+        )
 
     def _forward_split(self, module: torch.nn.Module, x: torch.Tensor, *, classifier: bool) -> torch.Tensor:
         """Forward a batch; on CUDA out-of-memory retry it in halves before giving up."""

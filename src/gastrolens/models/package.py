@@ -49,6 +49,7 @@ from gastrolens.models.preprocess import (
     STUDY_MEAN,
     STUDY_STD,
     Normalisation,
+    Preset,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,16 @@ class ModelCard(_Card):
     @property
     def untrained_networks(self) -> tuple[str, ...]:
         return tuple(name for name in _NETWORKS if not getattr(self, name).trained)
+
+    def preset(self, network: Literal["classifier", "segmenter"], *, fov_crop: bool | None = None) -> Preset:
+        """The input recipe of one network, as training and inference must both apply it."""
+        pre = self.preprocessing
+        return Preset(
+            size=getattr(self, network).input_size,
+            normalisation=pre.normalisation.to_normalisation(),
+            fov_crop=pre.fov_crop if fov_crop is None else fov_crop,
+            fov_threshold=pre.fov_threshold,
+        )
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

@@ -6,15 +6,16 @@ carry a black border with burned-in text around a round or octagonal field of vi
 (FOV); we crop to the FOV first so that the network sees mucosa, not patient names,
 and so that the lesion mask maps back into full-frame coordinates exactly.
 
-Training code uses the same pieces in the same order::
+Training code uses the same pieces in the same order, through a :class:`Preset` made
+from the model card (``card.preset("classifier")``)::
 
-    box = detect_fov(rgb)                      # or full_frame(rgb) when fov_crop is off
+    box = preset.crop_box(rgb)                 # the FOV, or the full frame when the crop is off
     image = to_float_tensor(box.crop(rgb))     # C,H,W float in [0, 1]
     mask = box.crop(lesion_mask)               # keep image and mask aligned
     ... augmentation on the float tensor ...
-    x = normalise(resize(image, size))         # what the network sees
+    x = preset.finish(image)                   # resize + z-score: what the network sees
 
-and :func:`prepare` bundles exactly that for inference. The engine runs the same
+and ``preset(rgb)`` does exactly that without augmentation. The engine runs the same
 functions on the GPU for whole batches.
 """
 
@@ -229,6 +230,35 @@ def normalise(image: torch.Tensor, normalisation: Normalisation = STUDY_NORMALIS
     return (image - mean) / std
 
 
+@dataclass(frozen=True)
+class Preset:
+    """One network's input recipe. Training and inference build it from the same model card.
+
+    Training: ``box = preset.crop_box(rgb)``, crop image and mask with ``box.crop``,
+    augment the float tensor from :func:`to_float_tensor`, then ``preset.finish(x)``.
+    Inference: ``preset(rgb)``.
+    """
+
+    size: int
+    normalisation: Normalisation = STUDY_NORMALISATION
+    fov_crop: bool = True
+    fov_threshold: int = FOV_THRESHOLD
+
+    def crop_box(self, image: np.ndarray) -> CropBox:
+        """The field of view (or the full frame when the crop is off)."""
+        return detect_fov(image, threshold=self.fov_threshold) if self.fov_crop else full_frame(image)
+
+    def finish(self, image: torch.Tensor) -> torch.Tensor:
+        """Float RGB in [0, 1], (C, H, W) or (N, C, H, W), any size -> the network's input."""
+        return normalise(resize(image, self.size), self.normalisation)
+
+    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, CropBox]:
+        """One frame -> (3, size, size) network input and the crop box used."""
+        validate_image(image)
+        box = self.crop_box(image)
+        return self.finish(to_float_tensor(box.crop(image))), box
+
+
 def prepare(
     image: np.ndarray,
     size: int,
@@ -237,9 +267,7 @@ def prepare(
     normalisation: Normalisation = STUDY_NORMALISATION,
 ) -> tuple[torch.Tensor, CropBox]:
     """One frame to one network input (3, size, size) plus the crop box used."""
-    validate_image(image)
-    box = detect_fov(image) if fov_crop else full_frame(image)
-    return normalise(resize(to_float_tensor(box.crop(image)), size), normalisation), box
+    return Preset(size, normalisation, fov_crop)(image)
 
 
 def mask_to_source(

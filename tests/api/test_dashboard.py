@@ -141,3 +141,9 @@ def test_api_accepts_the_dashboard_cookie(sqlite_api: httpx.Client) -> None:
     client = signed_in(sqlite_api)
     assert client.get("/api/studies").status_code == 200
     assert client.get("/api/studies", headers=VIEWER).status_code == 200
+
+
+def test_an_oversized_sign_in_form_is_refused(sqlite_api: httpx.Client) -> None:
+    response = sqlite_api.post("/login", content=b"token=" + b"x" * 20_000,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 413 and "set-cookie" not in response.headers

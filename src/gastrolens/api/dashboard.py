@@ -111,8 +111,13 @@ def login_form(request: Request) -> HTMLResponse:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    body = await request.body()
-    form = parse_qs(body[:MAX_FORM_BYTES].decode("utf-8", "replace"))
+    body = b""
+    async for chunk in request.stream():  # read no more than a sign-in form can hold
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return _page(request, "login.html", None, status=413, title="Sign in", next="/studies",
+                         error="The form was too large.")
+    form = parse_qs(body.decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     target = _safe_next((form.get("next") or [""])[0])
     principal = context_of(request).tokens.identify(token)

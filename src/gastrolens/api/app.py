@@ -25,6 +25,7 @@ from gastrolens.api.context import ApiContext, ApiError, HealthProbe
 from gastrolens.api.metrics import app_registry
 from gastrolens.config import Settings
 from gastrolens.db import Database
+from gastrolens.db.filters import explain_errors
 from gastrolens.errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = _explain(exc)
+        problems = explain_errors(exc.errors())
         message = "invalid request: " + "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return JSONResponse({"detail": message, "errors": problems}, status_code=422)
 
@@ -84,19 +85,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("API: unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error; the node's log has the details", "errors": []}, status_code=500)
-
-
-def _explain(exc: RequestValidationError) -> list[dict[str, str]]:
-    problems = []
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body", "header")]
-        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        if err.get("type") == "enum" and "expected" in (err.get("ctx") or {}):
-            message = f"must be one of {err['ctx']['expected']}"
-        elif err.get("type") == "extra_forbidden":
-            message = "unknown parameter"
-        problems.append({"field": ".".join(loc) or "query", "message": message})
-    return problems
 
 
 def _add_access_log(app: FastAPI, patient_details: bool) -> None:

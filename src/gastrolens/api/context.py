@@ -60,7 +60,7 @@ class ApiContext:
         self.tokens = TokenRegistry(self.settings.api.tokens)
 
     def read(self, principal: Principal, request: Request, query: Callable[[Session], T], *,
-             rows: Callable[[T], int], filter: Mapping[str, Any] | None = None,
+             rows: Callable[[T], int], criteria: Mapping[str, Any] | None = None,
              study_uid: str | None = None, sop_uid: str | None = None) -> T:
         """Run ``query`` and audit it in one transaction; ``rows(result)`` counts what was returned."""
         with self.db.session() as session:
@@ -68,7 +68,7 @@ class ApiContext:
             count = rows(result)
             audit.record(session, audit.Event(
                 AuditEventType.QUERY, principal.actor, Outcome.SUCCESS, study_uid=study_uid, sop_uid=sop_uid,
-                detail={"path": request.url.path, "filter": dict(filter or {}), "rows": count},
+                detail={"path": request.url.path, "filter": dict(criteria or {}), "rows": count},
             ))
         return result
 

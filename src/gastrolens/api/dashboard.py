@@ -152,7 +152,7 @@ def studies_page(request: Request) -> Response:
     query = StudyQuery.model_validate(params)
     ctx = context_of(request)
     page = ctx.read(who, request, lambda s: list_studies(s, query), rows=lambda p: len(p.items),
-                    filter=query.described())
+                    criteria=query.described())
     return _page(request, "studies.html", who, title="Studies", page=page, problems=[], form=params,
                  states=list(StudyState), classes=CLASS_ORDER, links=_page_links(request, page))
 
@@ -196,7 +196,7 @@ def queue_page(request: Request) -> Response:
                 "failed": failed_instances(session, 50)}
 
     data = ctx.read(who, request, load, rows=lambda d: len(d["page"].items) + len(d["failed"]),
-                    filter=query.described())
+                    criteria=query.described())
     return _page(request, "queue.html", who, title="Queue & deliveries", form=params, states=list(DeliveryState),
                  links=_page_links(request, data["page"]), **data)
 
@@ -217,7 +217,7 @@ def audit_page(request: Request) -> Response:
         return {"page": list_events(session, query), "chain": audit_chain.verify_chain(session) if verify else None}
 
     data = context_of(request).read(who, request, load, rows=lambda d: len(d["page"].items),
-                                    filter={**query.described(), **({"verify": True} if verify else {})})
+                                    criteria={**query.described(), **({"verify": True} if verify else {})})
     return _page(request, "audit.html", who, title="Audit trail", problems=[], form=params,
                  types=list(AuditEventType), links=_page_links(request, data["page"]), **data)
 

@@ -55,7 +55,7 @@ def valid_uid(value: str, name: str) -> str:
             summary="Studies, most recently received first")
 def studies(request: Request, principal: Viewer, query: Annotated[StudyQuery, Query()]) -> Page[StudySummary]:
     return context_of(request).read(principal, request, lambda s: list_studies(s, query),
-                                    rows=lambda page: len(page.items), filter=query.described())
+                                    rows=lambda page: len(page.items), criteria=query.described())
 
 
 @router.get("/studies/{study_uid}", response_model=StudyDetail, tags=["studies"],
@@ -87,14 +87,14 @@ def instance(request: Request, principal: Viewer, sop_uid: str) -> InstanceView:
 def deliveries(request: Request, principal: Viewer,
                query: Annotated[DeliveryQuery, Query()]) -> Page[QueueDeliveryView]:
     return context_of(request).read(principal, request, lambda s: list_deliveries(s, query),
-                                    rows=lambda page: len(page.items), filter=query.described())
+                                    rows=lambda page: len(page.items), criteria=query.described())
 
 
 @router.get("/audit", response_model=Page[AuditRow], tags=["audit"],
             summary="Audit events (auditor role); newest first unless order=asc")
 def audit_events(request: Request, principal: Auditor, query: Annotated[AuditQuery, Query()]) -> Page[AuditRow]:
     return context_of(request).read(principal, request, lambda s: list_events(s, query),
-                                    rows=lambda page: len(page.items), filter=query.described())
+                                    rows=lambda page: len(page.items), criteria=query.described())
 
 
 @router.get("/overlays/{sop_uid}.png", tags=["studies"], response_class=Response,
@@ -105,7 +105,7 @@ def overlay(request: Request, principal: Viewer, sop_uid: str,
     uid = valid_uid(sop_uid, "sop_uid")
     ctx = context_of(request)
     path = ctx.read(principal, request, lambda s: overlay_file(s, uid), rows=lambda p: 0 if p is None else 1,
-                    sop_uid=uid, filter={"size": size})
+                    sop_uid=uid, criteria={"size": size})
     if path is None:
         raise ApiError(404, f"no overlay with SOP Instance UID {uid}")
     png = overlay_png(ctx.store_root, path, size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated, Any, Literal
 
@@ -205,13 +206,19 @@ def day_after(value: date) -> datetime:
 
 def explain(exc: ValidationError) -> list[dict[str, str]]:
     """``[{"field": ..., "message": ...}]`` for each problem, in words a user can act on."""
+    return explain_errors(exc.errors(include_url=False))
+
+
+def explain_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """:func:`explain` for pydantic-style error dicts (also FastAPI's RequestValidationError)."""
     problems = []
-    for err in exc.errors(include_url=False):
-        field = ".".join(str(p) for p in err["loc"] if p not in ("query", "path", "body")) or "query"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "enum" and "expected" in err.get("ctx", {}):
-            message = f"must be one of {err['ctx']['expected']}"
-        if err["type"] == "extra_forbidden":
+    for err in errors:
+        field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body", "header")) or "query"
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        ctx = err.get("ctx") or {}
+        if err.get("type") == "enum" and "expected" in ctx:
+            message = f"must be one of {ctx['expected']}"
+        elif err.get("type") == "extra_forbidden":
             message = "unknown parameter"
         problems.append({"field": field, "message": message})
     return problems

@@ -6,7 +6,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gastrolens.db.filters import DeliveryQuery
-from gastrolens.db.queries_studies import utc, delivery_view
+from gastrolens.db.queries_studies import delivery_view, utc
 from gastrolens.db.states import InstanceState
 from gastrolens.db.tables import Delivery, Instance, Output, Study
 from gastrolens.db.views import FailedInstanceView, Page, QueueDeliveryView

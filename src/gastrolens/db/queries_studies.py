@@ -86,6 +86,11 @@ def _count_if(condition: ColumnElement[bool]) -> ColumnElement[Any]:
     return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
 
+def _n(column: Any) -> ColumnElement[Any]:
+    """0 for a study the outer join found no counts for (no deliveries yet, say)."""
+    return func.coalesce(column, 0)
+
+
 def _filtered(flt: StudyFilter) -> tuple[Select[Any], ColumnElement[str]]:
     """``SELECT Study, counts... WHERE filter`` and the derived state expression."""
     images = (
@@ -110,18 +115,17 @@ def _filtered(flt: StudyFilter) -> tuple[Select[Any], ColumnElement[str]]:
         .group_by(Output.study_id)
         .subquery("delivery_counts")
     )
-    n = lambda col: func.coalesce(col, 0)  # noqa: E731 - studies without deliveries join as NULL
     state = case(
-        (n(images.c.queued) > 0, StudyState.QUEUED.value),
-        (n(images.c.failed) > 0, StudyState.FAILED.value),
-        (n(sends.c.dead) > 0, StudyState.DELIVERY_DEAD.value),
-        (n(sends.c.active) > 0, StudyState.DELIVERING.value),
+        (_n(images.c.queued) > 0, StudyState.QUEUED.value),
+        (_n(images.c.failed) > 0, StudyState.FAILED.value),
+        (_n(sends.c.dead) > 0, StudyState.DELIVERY_DEAD.value),
+        (_n(sends.c.active) > 0, StudyState.DELIVERING.value),
         (Study.report_revision == 0, StudyState.AWAITING_REPORT.value),
         else_=StudyState.COMPLETE.value,
     )
     stmt = (
-        select(Study, n(images.c.images).label("images"), n(images.c.done).label("done"),
-               n(images.c.failed).label("failed"), n(images.c.queued).label("queued"))
+        select(Study, _n(images.c.images).label("images"), _n(images.c.done).label("done"),
+               _n(images.c.failed).label("failed"), _n(images.c.queued).label("queued"))
         .outerjoin(images, images.c.study_id == Study.id)
         .outerjoin(sends, sends.c.study_id == Study.id)
     )

@@ -162,7 +162,8 @@ class Result(Base):
     lesion_area_fraction: Mapped[float] = mapped_column(Float)
     bbox: Mapped[list[int] | None] = mapped_column(JSON)
     model_name: Mapped[str] = mapped_column(String(64))
-    model_version: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(String(64))
+    """As long as a model card allows (ModelCard.version)."""
     model_sha256: Mapped[str] = mapped_column(String(64))
     untrained: Mapped[bool] = mapped_column(Boolean)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)

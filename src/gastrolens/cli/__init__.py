@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "gastrolens.cli.models_cmd",
     "gastrolens.cli.results",
     "gastrolens.cli.api_cmd",
+    "gastrolens.cli.train",
+    "gastrolens.cli.evaluate",
 )
 """Modules that add subcommands; each has ``register(subparsers)``."""
 

@@ -8,10 +8,9 @@ and is flagged in the audit trail.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
-
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -37,9 +36,7 @@ class VersionPlan:
 
 
 def plan_version(session: Session, header: InstanceHeader) -> VersionPlan:
-    rows = session.execute(
-        select(Instance.id, Instance.version, Instance.sha256).where(Instance.sop_instance_uid == header.sop_uid)
-    ).all()
+    rows = session.execute(_SELECT_VERSIONS, {"uid": header.sop_uid}).all()
     for row in rows:
         if row.sha256 == header.sha256:
             return VersionPlan(version=row.version, duplicate_of=row.id)
@@ -70,30 +67,35 @@ def record_instance(
     calling_ae: str | None,
     peer_address: str | None,
     actor: str,
-) -> Instance:
-    """Insert the instance (state received) and its audit event in ``session``."""
+) -> int:
+    """Insert the instance (state received) and its audit event in ``session``; return its id.
+
+    Core statements, not the ORM unit of work: this runs once per C-STORE, while the
+    peer waits for the answer.
+    """
     study_id = _upsert_study(session, header)
     series_id = _upsert_series(session, header, study_id)
     if plan.version > 1:
         session.execute(
             update(Instance).where(Instance.sop_instance_uid == header.sop_uid).values(superseded=True)
         )
-    instance = Instance(
-        sop_instance_uid=header.sop_uid,
-        version=plan.version,
-        series_id=series_id,
-        study_id=study_id,
-        sop_class_uid=header.sop_class_uid,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-        state=InstanceState.RECEIVED,
-        file_path=relative_path,
-        sha256=header.sha256,
-        size_bytes=header.size_bytes,
-        calling_ae=calling_ae,
-        peer_address=peer_address,
-    )
-    session.add(instance)
-    session.flush()
+    instance_id = session.execute(
+        _INSERT_INSTANCE,
+        {
+            "sop_instance_uid": header.sop_uid,
+            "version": plan.version,
+            "series_id": series_id,
+            "study_id": study_id,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "state": InstanceState.RECEIVED,
+            "file_path": relative_path,
+            "sha256": header.sha256,
+            "size_bytes": header.size_bytes,
+            "calling_ae": calling_ae,
+            "peer_address": peer_address,
+        },
+    ).scalar_one()
     new_version = plan.version > 1
     audit.record(
         session,
@@ -105,7 +107,7 @@ def record_instance(
             header.series_uid,
             header.sop_uid,
             {
-                "instance_id": instance.id,
+                "instance_id": instance_id,
                 "version": plan.version,
                 "sha256": header.sha256,
                 "size_bytes": header.size_bytes,
@@ -116,39 +118,71 @@ def record_instance(
             },
         ),
     )
-    return instance
+    return int(instance_id)
 
 
-def _insert(session: Session, table: type):  # type: ignore[no-untyped-def]
+# Statements built once: SQLAlchemy then reuses their cache keys and compiled SQL.
+# Core on the tables, not ORM-enabled DML: less work per statement.
+_INSTANCES, _SERIES, _STUDIES = Instance.__table__, Series.__table__, Study.__table__
+_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+_SELECT_VERSIONS = select(_INSTANCES.c.id, _INSTANCES.c.version, _INSTANCES.c.sha256).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("uid")
+)
+_SELECT_SERIES_ID = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("uid"))
+_UPSERTS: dict[str, tuple[Any, Any]] = {}
+
+
+def _upsert_statements(session: Session) -> tuple[Any, Any]:
+    """(study upsert returning id, series insert-if-absent returning id) for the session's dialect."""
     dialect = session.get_bind().dialect.name
-    return (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
+    if dialect not in _UPSERTS:
+        dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        study = dialect_insert(_STUDIES)
+        series = dialect_insert(_SERIES)
+        _UPSERTS[dialect] = (
+            study.on_conflict_do_update(
+                index_elements=["study_instance_uid"], set_={"last_received_at": study.excluded.last_received_at}
+            ).returning(_STUDIES.c.id),
+            series.on_conflict_do_nothing(index_elements=["series_instance_uid"]).returning(_SERIES.c.id),
+        )
+    return _UPSERTS[dialect]
 
 
 def _upsert_study(session: Session, header: InstanceHeader) -> int:
+    """Insert the study or bump its last_received_at, in one statement; return its id."""
     now = utcnow()
-    stmt = _insert(session, Study).values(
-        study_instance_uid=header.study_uid,
-        patient_id=header.patient_id,
-        patient_name=header.patient_name,
-        accession_number=(header.accession_number or None) and header.accession_number[:16],
-        study_date=header.study_date,
-        study_description=header.study_description and header.study_description[:64],
-        first_received_at=now,
-        last_received_at=now,
-        report_revision=0,
-    )
-    session.execute(stmt.on_conflict_do_nothing(index_elements=["study_instance_uid"]))
-    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == header.study_uid))
-    session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
-    return int(study_id)  # type: ignore[arg-type]
+    study_upsert, _ = _upsert_statements(session)
+    study_id = session.execute(
+        study_upsert,
+        {
+            "study_instance_uid": header.study_uid,
+            "patient_id": header.patient_id,
+            "patient_name": header.patient_name,
+            "accession_number": (header.accession_number or None) and header.accession_number[:16],
+            "study_date": header.study_date,
+            "study_description": header.study_description and header.study_description[:64],
+            "first_received_at": now,
+            "last_received_at": now,
+            "report_revision": 0,
+        },
+    ).scalar_one()
+    return int(study_id)
 
 
 def _upsert_series(session: Session, header: InstanceHeader, study_id: int) -> int:
-    stmt = _insert(session, Series).values(
-        series_instance_uid=header.series_uid,
-        study_id=study_id,
-        modality=header.modality and header.modality[:16],
-        series_number=header.series_number,
-    )
-    session.execute(stmt.on_conflict_do_nothing(index_elements=["series_instance_uid"]))
-    return int(session.scalar(select(Series.id).where(Series.series_instance_uid == header.series_uid)))  # type: ignore[arg-type]
+    """The series id: found (the common case, one statement) or inserted."""
+    series_id = session.execute(_SELECT_SERIES_ID, {"uid": header.series_uid}).scalar()
+    if series_id is None:
+        _, series_insert = _upsert_statements(session)
+        series_id = session.execute(
+            series_insert,
+            {
+                "series_instance_uid": header.series_uid,
+                "study_id": study_id,
+                "modality": header.modality and header.modality[:16],
+                "series_number": header.series_number,
+            },
+        ).scalar()
+        if series_id is None:  # inserted by a concurrent writer (PostgreSQL) since the select
+            series_id = session.execute(_SELECT_SERIES_ID, {"uid": header.series_uid}).scalar_one()
+    return int(series_id)

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -107,6 +108,7 @@ class Receiver:
         self.policy = AccessPolicy.from_settings(settings)
         self.ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
+        self._writer = _file_writer(settings)
         self._accepting = threading.Event()
 
     def _build_ae(self) -> AE:
@@ -165,6 +167,8 @@ class Receiver:
             log.warning("aborting %d association(s) still open after %.0f s", len(self.ae.active_associations), drain_seconds)
         self.ae.shutdown()
         self._server = None
+        self._writer.shutdown(wait=True)
+        self._writer = _file_writer(self.settings)
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -216,6 +220,12 @@ class Receiver:
             return STATUS_OUT_OF_RESOURCES
 
     def _persist(self, data: bytes, header: InstanceHeader, actor: str, calling_ae: str, peer: str) -> int:
+        """Store the bytes and commit the row; the commit comes only after the file is durable.
+
+        The file is written (fsync, rename, folder fsync) on a worker thread while this
+        thread prepares the rows in the open transaction: the disk waits and the
+        database work overlap instead of adding up.
+        """
         written = None
         try:
             with self.db.session() as session:
@@ -225,8 +235,11 @@ class Receiver:
                     log.info("duplicate %s from %s: nothing stored", header.sop_uid, actor)
                     return STATUS_SUCCESS
                 relative = self.store.instance_path(header.study_uid, header.series_uid, header.sop_uid, plan.version)
-                written = self.store.write(relative, data)
-                record_instance(session, header, plan, relative, calling_ae=calling_ae, peer_address=peer, actor=actor)
+                writing = self._writer.submit(self.store.write, relative, data)
+                try:
+                    record_instance(session, header, plan, relative, calling_ae=calling_ae, peer_address=peer, actor=actor)
+                finally:
+                    written = writing.result()  # a failed write raises here: the transaction rolls back
         except BaseException:
             if written is not None:
                 written.unlink(missing_ok=True)
@@ -259,6 +272,11 @@ class Receiver:
                 audit.record(session, event)
         except GastroLensError as exc:
             log.error("could not write audit event %s: %s", event.type.value, exc)
+
+
+def _file_writer(settings: DicomSettings) -> ThreadPoolExecutor:
+    """Threads that write received files, one per possible association (created on demand)."""
+    return ThreadPoolExecutor(max_workers=settings.max_associations, thread_name_prefix="gastrolens-store")
 
 
 def _actor(assoc: Association) -> str:

@@ -27,13 +27,14 @@ class Store:
         self.min_free_bytes = min_free_mb * 1024 * 1024
         for folder in ("instances", "outputs", "quarantine"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        self._resolved_root = self.root.resolve()
 
     def has_room(self) -> bool:
         return shutil.disk_usage(self.root).free >= self.min_free_bytes
 
     def absolute(self, relative: str) -> Path:
         path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        if not path.is_relative_to(self._resolved_root):
             raise StorageError(f"{relative!r} points outside the storage root")
         return path
 

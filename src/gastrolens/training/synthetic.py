@@ -87,3 +87,41 @@ def write_dataset(
         writer.writerows(records)
     logger.info("wrote a synthetic data set of %d images to %s", len(records), root)
     return manifest
+
+
+def train_tiny_package(
+    out_dir: str | Path,
+    *,
+    work_dir: str | Path | None = None,
+    epochs: int = 1,
+    image_size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Train both networks briefly on a small synthetic set; return the package folder.
+
+    For tests that need a *trained* package quickly (a few seconds per epoch on one CPU
+    thread): 2 lesions per class, 32 px inputs, SGD at a learning rate high enough to
+    move in one epoch. The networks are barely trained; only the card's ``trained``
+    flags and the weights are real. ``work_dir`` (default: ``out_dir``/data) receives
+    the data set; checkpoints go under ``out_dir``/checkpoints.
+    """
+    from gastrolens.training.manifest import read_manifest
+    from gastrolens.training.recipe import Recipe
+    from gastrolens.training.trainer import train
+
+    out = Path(out_dir)
+    data = Path(work_dir) if work_dir is not None else out / "data"
+    manifest = read_manifest(write_dataset(data, lesions_per_class=2, rows=48, cols=56, test_fraction=0.0, seed=seed))
+    for task, size in (("classifier", image_size), ("segmenter", image_size + 1)):
+        recipe = Recipe(
+            task=task,  # type: ignore[arg-type]
+            epochs=epochs,
+            batch_size=8,
+            learning_rate=0.01,
+            image_size=size,
+            val_fraction=0.0,
+            precise_bn_batches=2,
+            seed=seed,
+        )
+        train(recipe, manifest, out, device="cpu", progress=False, version=f"tiny-seed{seed}")
+    return out

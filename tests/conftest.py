@@ -42,3 +42,13 @@ def sample_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         files[name] = folder / f"{name}.dcm"
         ds.save_as(files[name], enforce_file_format=True)
     return files
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained package with 64 px inputs: the daemon's real code paths, fast on CPU."""
+    from gastrolens.models import save_package, untrained_package
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_package(untrained_package(classifier_input_size=64, segmenter_input_size=65), folder)
+    return folder

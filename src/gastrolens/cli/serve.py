@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from gastrolens.cli.common import add_config_option, settings_from
 

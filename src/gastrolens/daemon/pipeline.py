@@ -19,6 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from gastrolens.api import metrics
 from gastrolens.config import Settings
 from gastrolens.db import Database, audit
 from gastrolens.db.queue import ClaimedInstance, claim_instances, hold_instance
@@ -87,6 +88,9 @@ class InferenceStep:
             else:
                 done += 1
         report = BatchReport(len(claims), done, failed, time.perf_counter() - started)
+        metrics.observe_batch(report.seconds, report.done)
+        if failed:
+            metrics.observe_failure(failed)
         log.info("batch: %d instance(s), %d done, %d failed, %.2f s, %.2f images/s",
                  report.claimed, report.done, report.failed, report.seconds, report.images_per_second)
         return report

@@ -11,8 +11,11 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from gastrolens import UNTRAINED_WARNING, __version__
+from gastrolens.api.server import ApiServer
 from gastrolens.config import Settings
 from gastrolens.daemon.completion import StudyCompletion
 from gastrolens.daemon.delivery import DeliveryStep
@@ -20,7 +23,6 @@ from gastrolens.daemon.pipeline import InferenceStep
 from gastrolens.daemon.retention import RetentionStep
 from gastrolens.daemon.scheduler import RETENTION_INTERVAL_SECONDS, Scheduler
 from gastrolens.db import Database, audit
-from gastrolens.db.queue import waiting_instances
 from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.dicom_io.receiver import Receiver
 from gastrolens.dicom_io.store import Store
@@ -45,6 +47,7 @@ class Service:
         self.scheduler = Scheduler()
         self.engine: Engine | None = None
         self.inference: InferenceStep | None = None
+        self.api: ApiServer | None = None
         self._stored_since_batch = 0
         self._stored_lock = threading.Lock()
         self._stop = threading.Event()
@@ -70,6 +73,10 @@ class Service:
                            RETENTION_INTERVAL_SECONDS)
         self.receiver.start()
         self.scheduler.start()
+        if self.settings.api.enabled:
+            self.api = ApiServer(self.settings, self.db, store_root=self.settings.storage.root, health_probe=self.health)
+            self.api.start()
+            log.info("HTTP API and dashboard on %s", self.api.url)
         with self.db.session() as session:
             audit.record(session, audit.Event(AuditEventType.SERVICE_STARTED, self.worker, detail={
                 "version": __version__, "ae_title": self.settings.dicom.ae_title,
@@ -78,6 +85,8 @@ class Service:
 
     def stop(self) -> None:
         self.receiver.stop()
+        if self.api is not None:
+            self.api.stop()
         self.scheduler.shutdown()
         if self.inference is not None:
             self.inference.close()
@@ -123,6 +132,15 @@ class Service:
         if full:
             self.scheduler.wake(INFERENCE)
 
-    def waiting(self) -> int:
-        with self.db.session() as session:
-            return waiting_instances(session)
+    def health(self) -> Mapping[str, Any]:
+        """What /healthz reports besides the database and storage."""
+        identity = self.engine.identity if self.engine else None
+        return {
+            "scheduler": {"ok": self.scheduler.running,
+                          "last_runs": {k: v.isoformat() for k, v in self.scheduler.last_run.items()}},
+            "model": {"ok": identity is not None,
+                      **({"name": identity.name, "version": identity.version,
+                          "weights_sha256": identity.weights_sha256, "untrained": identity.untrained}
+                         if identity else {})},
+            "receiver": {"ok": self.receiver.listening},
+        }

@@ -89,11 +89,6 @@ def hold_instance(session: Session, instance_id: int, worker: str) -> Instance |
     return session.scalars(stmt).first()
 
 
-def waiting_instances(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Instance).where(
-        Instance.state == InstanceState.RECEIVED, Instance.superseded.is_(False))) or 0)
-
-
 def claim_deliveries(session: Session, worker: str, limit: int, lease_seconds: float,
                      now: datetime | None = None) -> list[int]:
     """Claim deliveries that are due (pending, or retrying whose time came), unclaimed or with expired lease."""

@@ -124,6 +124,10 @@ class Receiver:
         return ae
 
     @property
+    def listening(self) -> bool:
+        return self._server is not None and self._accepting.is_set()
+
+    @property
     def port(self) -> int:
         assert self._server is not None, "not started"
         return int(self._server.server_address[1])

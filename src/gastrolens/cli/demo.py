@@ -8,6 +8,7 @@ with the output files. With untrained weights the table says so.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # the table below is the output
     settings = settings_from(args)
     host = args.host or ("127.0.0.1" if settings.dicom.bind in ("0.0.0.0", "::") else settings.dicom.bind)
     port = args.port or settings.dicom.port
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 raise GastroLensError("the study SR did not arrive in time")
             time.sleep(1)
-        print(f"study conclusion: {LesionClass(conclusion[0]).display_name}  ->  {conclusion[1]}")
+        print(f"study conclusion: {LesionClass(conclusion[0]).display_name}  ({settings.storage.root / conclusion[1]})")
     return 0
 
 
@@ -109,15 +111,17 @@ def _print_findings(db: Database, study_uid: str, root: Path) -> None:
         outputs = {i.id: [o for o in session.scalars(select(Output).where(Output.instance_id == i.id))] for i, _ in rows}
     if any(r and r.untrained for _, r in rows):
         print(f"\n*** {UNTRAINED_WARNING}: the findings below come from random weights ***")
-    print(f"\n{'#':>2}  {'PREDICTED':<30} {'PROB':>5}  {'LESION AREA':>11}  OUTPUTS")
+    print(f"\n{'#':>2}  {'DRAWN AS':<10} {'PREDICTED':<30} {'PROB':>5}  {'LESION AREA':>11}  OUTPUTS")
     for number, (instance, result) in enumerate(rows, start=1):
+        drawn = DEMO_CLASSES[number - 1].value if number <= len(DEMO_CLASSES) else "?"
         if result is None:
-            print(f"{number:>2}  FAILED: {instance.error}")
+            print(f"{number:>2}  {drawn:<10} FAILED: {instance.error}")
             continue
         cls = LesionClass(result.predicted_class)
         probability = getattr(result, f"p_{cls.value}")
-        files = ", ".join(f"{o.kind.value}: {root / o.file_path}" for o in outputs[instance.id])
-        print(f"{number:>2}  {cls.display_name:<30} {probability:>5.2f}  {result.lesion_area_fraction:>10.1%}  {files}")
+        kinds = ", ".join(sorted(o.kind.value for o in outputs[instance.id]))
+        print(f"{number:>2}  {drawn:<10} {cls.display_name:<30} {probability:>5.2f}  {result.lesion_area_fraction:>10.1%}  {kinds}")
+    print(f"\noutput files: {root / 'outputs' / study_uid}/")
 
 
 def _study_conclusion(db: Database, study_uid: str) -> tuple[str, str] | None:

@@ -102,10 +102,12 @@ class Evaluation:
         return [roc_auc(scores[:, k], truth == k) for k in range(len(CLASS_ORDER))]
 
     def segmentation(self, *, delivered: bool = False) -> SegmentationSummary:
-        known = [r for r in self.results if r.overlap is not None]
-        overlaps = [(r.delivered_overlap if delivered else r.overlap) for r in known]
+        known = [r for r in self.results if r.overlap is not None and r.delivered_overlap is not None]
+        overlaps = [r.delivered_overlap if delivered else r.overlap for r in known]
         return summarise_segmentation(
-            [o[0] for o in overlaps if o], [o[1] for o in overlaps if o], [r.truth_area for r in known]
+            [o[0] for o in overlaps if o is not None],
+            [o[1] for o in overlaps if o is not None],
+            [r.truth_area for r in known],
         )
 
 

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,8 +154,13 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
         raise DatasetError(f"{manifest_path}: no rows after the header")
     _check_consistency(rows, problems)
     problems.raise_if_any()
-    logger.info("manifest %s: %d images, %d lesions, %d patients", manifest_path, len(rows),
-                len({r.lesion_id for r in rows}), len({r.patient_id for r in rows}))
+    logger.info(
+        "manifest %s: %d images, %d lesions, %d patients",
+        manifest_path,
+        len(rows),
+        len({r.lesion_id for r in rows}),
+        len({r.patient_id for r in rows}),
+    )
     return Manifest(manifest_path, tuple(rows), hashlib.sha256(data).hexdigest())
 
 
@@ -206,7 +211,13 @@ def _parse_row(
     return ManifestRow(line, image, label, values["lesion_id"], values["patient_id"], mask, split, shape)
 
 
-def _checked_shape(path: Path, what: str, line: int, problems: _Problems, reader=image_shape) -> tuple[int, int] | None:  # noqa: ANN001
+def _checked_shape(
+    path: Path,
+    what: str,
+    line: int,
+    problems: _Problems,
+    reader: Callable[[Path], tuple[int, int]] = image_shape,
+) -> tuple[int, int] | None:
     if not path.exists():
         problems.add(line, f"missing file: {what} {path} does not exist")
         return None

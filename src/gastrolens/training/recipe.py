@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from gastrolens.errors import DatasetError
 from gastrolens.models.preprocess import CLASSIFIER_INPUT_SIZE, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SEGMENTER_INPUT_SIZE
 from gastrolens.training.augment import AugmentationSettings
 
@@ -81,7 +80,7 @@ class Recipe:
             name = bad[0]
             raise ValueError(f"recipe {name} = {getattr(self, name)!r} is not allowed")
         if self.imagenet is not None and not Path(self.imagenet).is_file():
-            raise DatasetError(f"ImageNet weights file {self.imagenet} does not exist")
+            raise ValueError(f"recipe imagenet: file {self.imagenet} does not exist")
 
     @property
     def input_size(self) -> int:

@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,8 +42,8 @@ from gastrolens.models.engine import resolve_device
 from gastrolens.models.networks import build_classifier, build_segmenter, load_imagenet_backbone
 from gastrolens.models.package import ModelPackage
 from gastrolens.training import packaging
-from gastrolens.training.checkpoint import restore_checkpoint, save_checkpoint
 from gastrolens.training.augment import PairTransform, classifier_augmentation, segmenter_augmentation
+from gastrolens.training.checkpoint import restore_checkpoint, save_checkpoint
 from gastrolens.training.datasets import ClassificationDataset, SegmentationDataset
 from gastrolens.training.manifest import Manifest, ManifestRow, Split, split_by_patient, summarise
 from gastrolens.training.metrics import mask_overlap, summarise_segmentation
@@ -137,26 +138,11 @@ def train(
         started = time.perf_counter()
         learning_rate = optimizer.param_groups[0]["lr"]
         loader = _loader(train_set, recipe, epoch, workers, cuda, shuffle=True)
-        model.train()
-        total_loss = 0.0
-        seen = 0
         bar = tqdm(loader, desc=f"{recipe.task} epoch {epoch + 1}/{recipe.epochs}", unit="batch",
                    disable=not progress, leave=False)
-        for inputs, targets in bar:
-            inputs = _to_device(inputs, torch_device)
-            targets = targets.to(torch_device, non_blocking=True)
-            with _autocast(amp_dtype):
-                loss = loss_fn(model, inputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if not math.isfinite(loss.item()):
-                raise ModelError(f"{recipe.task} training diverged in epoch {epoch + 1}: loss is {loss.item()}")
-            total_loss += loss.item() * inputs.shape[0]
-            seen += inputs.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
+        total_loss, seen = _train_one_epoch(model, bar, loss_fn, optimizer, scaler, torch_device, amp_dtype)
+        if not math.isfinite(total_loss):
+            raise ModelError(f"{recipe.task} training diverged in epoch {epoch + 1}: the loss is {total_loss}")
         schedule.step()
         train_seconds = time.perf_counter() - started
         if recipe.precise_bn_batches:
@@ -210,6 +196,38 @@ def train(
     return TrainResult(package, history, checkpoint_path)
 
 
+def _train_one_epoch(
+    model: nn.Module,
+    batches: tqdm,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[float, int]:
+    """One pass over the training batches (a tqdm bar, maybe disabled); returns (summed loss, images seen)."""
+    model.train()
+    total_loss = 0.0
+    seen = 0
+    for inputs, targets in batches:
+        inputs = _to_device(inputs, device)
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(amp_dtype):
+            loss = loss_fn(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        value = loss.item()
+        if not math.isfinite(value):
+            return value, seen
+        total_loss += value * inputs.shape[0]
+        seen += inputs.shape[0]
+        batches.set_postfix(loss=f"{value:.4f}")
+    batches.close()
+    return total_loss, seen
+
+
 def _training_split(recipe: Recipe, manifest: Manifest) -> Split:
     rows: list[ManifestRow] = list(manifest.rows)
     if recipe.task == "segmenter":
@@ -245,7 +263,8 @@ def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def _schedule_factor(recipe: Recipe):  # noqa: ANN202 - a picklable-free closure for LambdaLR
+def _schedule_factor(recipe: Recipe) -> Callable[[int], float]:
+    """Learning-rate multiplier per epoch (LambdaLR steps once per epoch)."""
     epochs, step, gamma = recipe.epochs, recipe.step_epochs, recipe.step_gamma
     if recipe.schedule == "cosine":
         return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
@@ -275,7 +294,7 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def _autocast(dtype: torch.dtype | None):  # noqa: ANN202
+def _autocast(dtype: torch.dtype | None) -> torch.autocast:
     if dtype is None:
         return torch.autocast("cpu", enabled=False)
     return torch.autocast("cuda", dtype=dtype)

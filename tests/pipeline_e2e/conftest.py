@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
     def start(config_text: str, path: Path) -> Daemon:
+        began = time.monotonic()
         daemon = start_daemon(write_config(path, config_text))
+        print(f"daemon {path.stem} ready in {time.monotonic() - began:.1f} s")
         started.append(daemon)
         return daemon
 

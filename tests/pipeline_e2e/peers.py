@@ -20,11 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom.uid import generate_uid
-
 from sqlalchemy import func, select
 
 from gastrolens.daemon.completion import finding_from_result
 from gastrolens.db import Database
+from gastrolens.db.audit import verify_chain
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study
 from gastrolens.findings import ImageFinding, LesionClass
@@ -44,7 +44,8 @@ TINY_SEGMENTER = 65
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, *,
              logs: Callable[[], str] = lambda: "", interval: float = 0.2) -> object:
     """Poll ``predicate`` until it returns something truthy; fail naming ``what`` with ``logs()``."""
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -52,6 +53,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, *,
         except (httpx.HTTPError, OSError) as exc:  # a peer restarting: try again
             value, last_error = None, exc
         if value:
+            print(f"waited {time.monotonic() - started:5.1f} s for {what}")
             return value
         time.sleep(interval)
     detail = f" (last error: {last_error})" if last_error else ""
@@ -62,10 +64,10 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, *,
 
 
 def pipeline_config(tmp: Path, db_url: str, model: Path, *, destinations: str = "", port: int = 0,
-                    batch_size: int = 8, lease_seconds: float = 300, storage: Path | None = None,
-                    extra: str = "") -> str:
-    """A daemon configuration for the end-to-end tests: tiny model, short intervals, fsync on."""
-    text = basic_config(tmp, db_url, port=port, extra=f"""
+                    batch_size: int = 8, lease_seconds: float = 300) -> str:
+    """A daemon configuration for the end-to-end tests: tiny model, short intervals, fsync on
+    (storage in ``tmp / "storage"``: daemons started with the same ``tmp`` share it)."""
+    return basic_config(tmp, db_url, port=port, extra=f"""
 [model]
 package = "{model}"
 device = "cpu"
@@ -82,11 +84,7 @@ max_backoff_seconds = 2
 max_attempts = 40
 
 {destinations}
-{extra}
 """)
-    if storage is not None:
-        text = text.replace(f'root = "{tmp / "storage"}"', f'root = "{storage}"')
-    return text
 
 
 def dicom_destination(name: str, ae_title: str, port: int) -> str:
@@ -143,7 +141,7 @@ class StoreSCP:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def received(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -371,6 +369,13 @@ class DatabaseView:
             if types:
                 stmt = stmt.where(AuditEvent.event_type.in_(types))
             return list(session.scalars(stmt))
+
+    def audit_intact(self) -> bool:
+        """The audit hash chain verifies (what `gastrolens audit verify` checks, in-process)."""
+        with self.db.session() as session:
+            report = verify_chain(session)
+        assert report.intact, f"audit chain broken at row {report.first_broken_id}: {report.reason}"
+        return True
 
     def claimed(self) -> int:
         return self.instance_states().get("claimed", 0)

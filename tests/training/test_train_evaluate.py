@@ -15,6 +15,7 @@ from PIL import Image
 
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.cli import main
+from gastrolens.config import load_settings
 from gastrolens.findings import LesionClass
 from gastrolens.models import Engine, load_package, read_card
 from gastrolens.samples import endoscopy_frame
@@ -132,3 +133,14 @@ def test_the_engine_serves_the_trained_package(run: dict[str, Any]) -> None:
     assert not findings[0].model.untrained
     code, stdout = _cli("models", "info", str(run["package"]))
     assert code == 0 and json.loads(stdout)["segmenter"]["trained"] is True
+
+
+def test_the_daemon_configuration_accepts_the_package(run: dict[str, Any], tmp_path: Path) -> None:
+    config = tmp_path / "gastrolens.toml"
+    config.write_text(f'[model]\npackage = "{run["package"].as_posix()}"\ndevice = "cpu"\n')
+    settings = load_settings(config, environ={})
+    with Engine.from_settings(settings.model) as engine:  # what `gastrolens serve` builds
+        assert engine.identity.weights_sha256 == read_card(run["package"]).weights_sha256
+        assert not engine.identity.untrained
+        finding = engine.infer([endoscopy_frame(120, 160, LesionClass.PU, seed=7)[0]])[0]
+    assert finding.model == engine.identity

@@ -77,3 +77,21 @@ def test_resume_refuses_another_recipe_or_a_missing_checkpoint(manifest: Manifes
     assert "IoU (UNTRAINED segmenter)" in markdown.split("Table 2 beside ours")[1]
     assert json.loads((tmp_path / "report" / "report.json").read_text())["model"]["untrained_networks"] == ["segmenter"]
     assert read_card(tmp_path / "pkg").segmenter.trained is False
+
+
+def test_imagenet_initialisation_from_a_local_file_and_epoch_logs(
+    manifest: Manifest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+    from torchvision.models import resnet34
+
+    weights = tmp_path / "resnet34-local.pth"
+    torch.manual_seed(5)
+    torch.save(resnet34(weights=None).state_dict(), weights)  # stands in for torchvision's ImageNet file
+    recipe = RECIPE.with_changes(epochs=1, imagenet=str(weights), precise_bn_batches=0)
+    with caplog.at_level("INFO", logger="gastrolens.training.trainer"):
+        result = trainer.train(recipe, manifest, tmp_path / "pkg", device="cpu", progress=False)
+    assert result.package.card.classifier.initialisation == "imagenet(resnet34-local.pth)"
+    assert any("classifier epoch 1/1: learning_rate 0.01, train_loss" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="does not exist"):
+        RECIPE.with_changes(imagenet=str(tmp_path / "absent.pth"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from gastrolens.db.states import AuditEventType, Outcome
@@ -39,11 +39,18 @@ class Event:
     detail: Mapping[str, Any] = field(default_factory=dict)
 
 
-def record(session: Session, event: Event) -> AuditEvent:
-    """Append ``event`` to the chain inside ``session``'s transaction."""
+_LAST_HASH = select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+_INSERT = insert(AuditEvent)
+
+
+def record(session: Session, event: Event) -> str:
+    """Append ``event`` to the chain inside ``session``'s transaction; returns its hash.
+
+    A plain INSERT rather than an ORM object: it runs on every C-STORE.
+    """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
-    prev = session.scalars(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
+    prev = session.execute(_LAST_HASH).scalar()
     row = AuditEvent(
         at=datetime.now(timezone.utc),
         event_type=event.type,
@@ -56,9 +63,11 @@ def record(session: Session, event: Event) -> AuditEvent:
         prev_hash=prev or GENESIS_HASH,
     )
     row.hash = row_hash(row)
-    session.add(row)
-    session.flush()
-    return row
+    session.execute(_INSERT, [{column: getattr(row, column) for column in _COLUMNS}])
+    return row.hash
+
+
+_COLUMNS = ("at", "event_type", "actor", "outcome", "study_uid", "series_uid", "sop_uid", "detail", "prev_hash", "hash")
 
 
 def canonical_json(value: Mapping[str, Any]) -> str:

@@ -15,8 +15,12 @@ instances decoded beforehand (same package, batch size, device, settings; one wa
 image first) and prints both rates and their ratio (target >= 0.85 on CPU), a breakdown
 of where the daemon's time went, and the study's reference figure.
 
+With ``--phases`` it also runs the daemon's inference step in-process on the same
+instances (one batch of them all, clocks around each stage) and prints milliseconds per
+image for decoding, the engine, each output writer, file writing and the database.
+
     .venv/bin/python bench/pipeline.py [--count 200] [--batch-size 16] [--device auto]
-                                       [--model-package DIR] [--keep]
+                                       [--model-package DIR] [--phases] [--keep]
 
 Prints figures; never a test.
 """
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="[model] device: auto, cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--model-package", type=Path, help="a model package folder (default: full-size untrained)")
     parser.add_argument("--timeout", type=float, default=7200, help="give up after this many seconds (default 7200)")
+    parser.add_argument("--phases", action="store_true", help="also time each stage of the inference step in-process")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     args = parser.parse_args(argv)
 
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         e2e = run_daemon(work / "daemon", files, args)
         print(f"machine: load average {os.getloadavg()[0]:.2f} after the daemon run")
         engine_rate = run_engine(files, args)
+        if args.phases:
+            run_phases(work / "phases", files, args)
         ratio = e2e / engine_rate
         ref_count, ref_seconds = STUDY_REFERENCE
         print()
@@ -281,6 +288,73 @@ def run_engine(files: Path, args: argparse.Namespace) -> float:
     print(f"  engine: {len(frames)} decoded frames in {elapsed:.1f} s = {rate:.2f} images/s "
           f"(batch size {args.batch_size}, {engine.device})")
     return rate
+
+
+# -- the inference step, stage by stage ---------------------------------------------------------
+
+
+def run_phases(folder: Path, files: Path, args: argparse.Namespace) -> None:
+    """One in-process batch of every instance through the daemon's InferenceStep, each stage clocked."""
+    import functools
+    from collections import defaultdict
+
+    import gastrolens.daemon.pipeline as pipeline_module
+    import gastrolens.dicom_io.outputs as outputs_module
+    from gastrolens.config import Settings
+    from gastrolens.daemon.service import Service
+
+    spent: dict[str, float] = defaultdict(float)
+
+    def clock(owner: object, name: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*a: object, **k: object) -> object:
+            started = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - started
+
+        setattr(owner, name, timed)
+
+    for name in ("build_segmentation", "build_image_sr", "build_overlay", "_write_all"):
+        clock(outputs_module, name)
+    for name in ("read_dataset", "decode_rgb_frames", "write_outputs"):
+        clock(pipeline_module, name)
+    count = sum(1 for _ in files.iterdir())
+    settings = Settings.model_validate({
+        "dicom": {"port": 0}, "storage": {"root": str(folder / "storage")},
+        "database": {"url": f"sqlite:///{folder / 'gastrolens.db'}"},
+        "model": {"package": args.model_package, "device": args.device, "batch_size": count + 1},
+        "scheduler": {"interval_seconds": 3600},
+        "destinations": [{"name": "folder", "folder": str(folder / "out")}]})
+    service = Service(settings)
+    service.start()
+    try:
+        clock(service.engine, "infer")
+        subprocess.run(["/usr/bin/storescu", "-aec", "GASTROLENS", "-xy", "127.0.0.1", str(service.receiver.port),
+                        "+sd", str(files)], env={**os.environ, "TCP_NODELAY": "1"}, check=True, capture_output=True)
+        assert service.inference is not None
+        started = time.perf_counter()
+        report = service.inference.run_once()
+        total = time.perf_counter() - started
+    finally:
+        service.stop()
+    assert report is not None and report.done == count, report
+    writers = spent["build_segmentation"] + spent["build_image_sr"] + spent["build_overlay"] + spent["_write_all"]
+    rows = [("decode (2 threads, wall)", spent["decode_rgb_frames"] / settings.scheduler.decode_threads),
+            ("engine.infer", spent["infer"]),
+            ("SEG build (highdicom)", spent["build_segmentation"]),
+            ("image SR build (highdicom)", spent["build_image_sr"]),
+            ("overlay build", spent["build_overlay"]),
+            ("write files (dcmwrite + fsync)", spent["_write_all"]),
+            ("write_outputs, rest", spent["write_outputs"] - writers)]
+    accounted = sum(seconds for _, seconds in rows)
+    rows.append(("database + audit + other", total - accounted))
+    print(f"  inference step in-process: {count} images in one batch, {total:.1f} s = {count / total:.2f} images/s")
+    for what, seconds in rows:
+        print(f"    {what:<32} {seconds * 1000 / count:7.0f} ms/image  {100 * seconds / total:5.1f} %")
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -159,8 +159,9 @@ class Daemon:
             time.sleep(0.05)
 
 
-def _tls_config(folder: Path, pki: Path, *, ca: bool, cert: Path | None = None) -> Path:
+def _tls_config(folder: Path, pki: Path, *, ca: bool, cert: Path | None = None, model: Path | None = None) -> Path:
     ca_line = f'ca = "{pki / "ca.crt"}"' if ca else ""
+    model_section = f'[model]\npackage = "{model}"' if model else ""
     config = folder / "gastrolens.toml"
     config.write_text(f"""
 [dicom]
@@ -176,6 +177,7 @@ root = "{folder / 'storage'}"
 min_free_mb = 1
 [database]
 url = "sqlite:///{folder / 'gastrolens.db'}"
+{model_section}
 """)
     return config
 
@@ -187,7 +189,7 @@ def _serve(config: Path, stderr_path: Path) -> subprocess.Popen[str]:
                                                                if not k.startswith("GASTROLENS_")})
 
 
-def _wait_ready(process: subprocess.Popen[str], timeout: float = 180) -> int:
+def _wait_ready(process: subprocess.Popen[str], stderr_path: Path, timeout: float = 180) -> int:
     found: list[int] = []
 
     def read() -> None:
@@ -202,14 +204,15 @@ def _wait_ready(process: subprocess.Popen[str], timeout: float = 180) -> int:
     reader.join(timeout)
     if not found:
         process.kill()
-        raise AssertionError(f"the daemon did not print its ready line within {timeout} s")
+        raise AssertionError(f"the daemon did not print its ready line within {timeout} s "
+                             f"(exit code {process.poll()}):\n{stderr_path.read_text(errors='replace')[-3000:]}")
     return found[0]
 
 
 @pytest.fixture(scope="module")
-def tls_daemon(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Daemon]:
+def tls_daemon(tmp_path_factory: pytest.TempPathFactory, pki: Path, tiny_model: Path) -> Iterator[Daemon]:
     """TLS with `ca` set: client certificates signed by our CA are required."""
-    yield from _daemon(tmp_path_factory.mktemp("tls-ca"), pki, ca=True)
+    yield from _daemon(tmp_path_factory.mktemp("tls-ca"), pki, tiny_model, ca=True)
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +234,11 @@ def tls_receiver_no_ca(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> I
         db.dispose()
 
 
-def _daemon(folder: Path, pki: Path, *, ca: bool) -> Iterator[Daemon]:
-    config = _tls_config(folder, pki, ca=ca)
+def _daemon(folder: Path, pki: Path, model: Path, *, ca: bool) -> Iterator[Daemon]:
+    config = _tls_config(folder, pki, ca=ca, model=model)
     stderr_path = folder / "serve.stderr"
     process = _serve(config, stderr_path)
-    daemon = Daemon(process, _wait_ready(process), config, folder / "gastrolens.db", stderr_path)
+    daemon = Daemon(process, _wait_ready(process, stderr_path), config, folder / "gastrolens.db", stderr_path)
     yield daemon
     assert daemon.stop() == 0, f"gastrolens serve did not exit 0 on SIGTERM:\n{daemon.stderr()[-3000:]}"
 

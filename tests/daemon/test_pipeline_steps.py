@@ -181,3 +181,23 @@ def test_retention_keeps_what_was_not_delivered(make_stage, tiny_engine, study_u
         assert all(not stage.store.absolute(o.file_path).exists() for o in s.scalars(select(Output)))
         assert all(i.removed_at is not None for i in s.scalars(select(Instance)))
     assert audit_types(stage).count("retention.removed") == removed
+
+
+def test_a_database_error_fails_one_instance_not_the_batch(stage, tiny_engine, study_uid, monkeypatch):
+    from gastrolens.errors import DatabaseError
+
+    uids = [stage.receive(study_uid, seed=i) for i in range(3)]
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    original = step._record
+
+    def record(item, written):
+        if item.claim.sop_instance_uid == uids[1]:
+            raise DatabaseError("database error: value too long")
+        return original(item, written)
+
+    monkeypatch.setattr(step, "_record", record)
+    report = step.run_once()
+    assert (report.done, report.failed) == (2, 1)
+    with stage.db.session() as s:
+        failed = s.scalars(select(Instance).where(Instance.state == InstanceState.FAILED)).one()
+    assert failed.sop_instance_uid == uids[1] and "value too long" in failed.error

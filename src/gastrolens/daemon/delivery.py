@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,15 +53,18 @@ class DeliveryStep:
             by_destination[row.destination].append(row)
         for name, items in by_destination.items():
             destination = self.destinations.get(name)
+            results: Iterator[SendResult]
             if destination is None:
-                results = [SendResult(Path(r.file_path), -1, f"destination {name!r} is no longer configured")
-                           for r in items]
+                results = (SendResult(Path(r.file_path), -1, f"destination {name!r} is no longer configured")
+                           for r in items)
             elif destination.folder is not None:
-                results = [self._copy(destination, r) for r in items]
+                results = (self._copy(destination, r) for r in items)
             else:
                 results = send_files([(self.store.absolute(r.file_path), r.sop_class_uid) for r in items],
                                      destination, self.settings.dicom.ae_title)
-            for row, result in zip(items, results):
+            # Results come one by one as the peer answers; each is recorded before the next is sent.
+            # `results` goes first so the sender is exhausted (and its association released) at the end.
+            for result, row in zip(results, items, strict=True):
                 self._record(row, destination, result)
         return len(rows)
 

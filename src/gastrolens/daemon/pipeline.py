@@ -28,7 +28,7 @@ from gastrolens.db.tables import Delivery, Output, Result, utcnow
 from gastrolens.dicom_io.outputs import WrittenOutput, write_outputs
 from gastrolens.dicom_io.read import decode_rgb_frames, read_dataset
 from gastrolens.dicom_io.store import Store
-from gastrolens.errors import GastroLensError
+from gastrolens.errors import DatabaseError, GastroLensError
 from gastrolens.findings import ImageFinding
 from gastrolens.models import Engine, validate_image
 
@@ -137,12 +137,21 @@ class InferenceStep:
                                     frames=item.frames, fsync=self.settings.storage.fsync)
         except GastroLensError as exc:
             return f"cannot write outputs: {exc}"
+        try:
+            self._record(item, written)
+        except DatabaseError as exc:  # this instance fails alone; the batch goes on
+            return f"cannot record results: {exc}"
+        return None
+
+    def _record(self, item: _Work, written: list[WrittenOutput]) -> None:
+        """Results, outputs, deliveries and the done state in one transaction, if the claim still holds."""
+        claim = item.claim
         with self.db.session() as session:
             instance = hold_instance(session, claim.id, self.worker)
             if instance is None:
                 log.warning("instance %s was claimed by another worker meanwhile; dropping this result",
                             claim.sop_instance_uid)
-                return None
+                return
             for frame_number, finding in enumerate(item.findings, start=1):
                 session.add(_result_row(claim.id, frame_number, finding))
             for output in written:
@@ -159,7 +168,6 @@ class InferenceStep:
                  "model": item.findings[0].model.name, "model_version": item.findings[0].model.version,
                  "weights_sha256": item.findings[0].model.weights_sha256,
                  "untrained": item.findings[0].model.untrained}))
-        return None
 
     def _record_output(self, session, claim: ClaimedInstance, written: WrittenOutput, sha256: str) -> None:  # type: ignore[no-untyped-def]
         relative = self.store.relative(written.path)
@@ -186,6 +194,13 @@ class InferenceStep:
     def _fail(self, item: _Work) -> None:
         claim = item.claim
         log.error("instance %s failed: %s", claim.sop_instance_uid, item.error)
+        try:
+            self._record_failure(item)
+        except DatabaseError as exc:  # the lease runs out and the instance is claimed again
+            log.error("cannot record the failure of %s: %s", claim.sop_instance_uid, exc)
+
+    def _record_failure(self, item: _Work) -> None:
+        claim = item.claim
         with self.db.session() as session:
             instance = hold_instance(session, claim.id, self.worker)
             if instance is None:

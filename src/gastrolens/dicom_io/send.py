@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +53,12 @@ def _client_tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
 
 
 def send_files(files: Sequence[tuple[Path, str]], destination: Destination, calling_ae: str,
-               timeout_seconds: float = 30.0) -> list[SendResult]:
-    """C-STORE each ``(path, sop_class_uid)`` to ``destination`` over one association."""
+               timeout_seconds: float = 30.0) -> Iterator[SendResult]:
+    """C-STORE each ``(path, sop_class_uid)`` to ``destination`` over one association.
+
+    Yields one result per file, in order, as soon as the peer answers, so the caller can
+    record it before the next file goes (a crash then re-sends at most one file).
+    """
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
     for sop_class in sorted({sop for _, sop in files})[:128]:
@@ -64,22 +68,22 @@ def send_files(files: Sequence[tuple[Path, str]], destination: Destination, call
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              tls_args=_client_tls(destination))
     except (OSError, ssl.SSLError) as exc:
-        return [SendResult(path, None, f"cannot connect: {exc}") for path, _ in files]
+        yield from (SendResult(path, None, f"cannot connect: {exc}") for path, _ in files)
+        return
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        return [SendResult(path, None, reason) for path, _ in files]
-    results = []
+        yield from (SendResult(path, None, reason) for path, _ in files)
+        return
     try:
-        for path, _ in files:
-            results.append(_send_one(assoc, path))
+        for index, (path, _) in enumerate(files):
             if not assoc.is_established:
-                results.extend(SendResult(p, None, "association lost") for p, _ in files[len(results):])
-                break
+                yield from (SendResult(p, None, "association lost") for p, _ in files[index:])
+                return
+            yield _send_one(assoc, path)
     finally:
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
-    return results
 
 
 def _send_one(assoc, path: Path) -> SendResult:  # type: ignore[no-untyped-def]

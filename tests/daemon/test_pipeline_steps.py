@@ -201,3 +201,28 @@ def test_a_database_error_fails_one_instance_not_the_batch(stage, tiny_engine, s
     with stage.db.session() as s:
         failed = s.scalars(select(Instance).where(Instance.state == InstanceState.FAILED)).one()
     assert failed.sop_instance_uid == uids[1] and "value too long" in failed.error
+
+
+def test_drain_processes_every_batch_with_writes_overlapping(make_stage, tiny_engine, study_uid):
+    stage = make_stage(model={"batch_size": 2})
+    for i in range(5):
+        stage.receive(study_uid, seed=i)
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    try:
+        assert step.drain(lambda: False) == 5
+    finally:
+        step.close()
+    assert count(stage, Instance, Instance.state == InstanceState.DONE) == 5
+    assert count(stage, Result) == 5
+
+
+def test_drain_stops_when_asked(make_stage, tiny_engine, study_uid):
+    stage = make_stage(model={"batch_size": 2})
+    for i in range(5):
+        stage.receive(study_uid, seed=i)
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    calls = []
+    assert step.drain(lambda: calls.append(1) or len(calls) > 1) == 2
+    step.close()
+    assert count(stage, Instance, Instance.state == InstanceState.DONE) == 2
+    assert count(stage, Instance, Instance.state == InstanceState.RECEIVED) == 3

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -64,12 +65,43 @@ class InferenceStep:
         self.engine = engine
         self.worker = worker
         self._decoders = ThreadPoolExecutor(settings.scheduler.decode_threads, thread_name_prefix="gastrolens-decode")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="gastrolens-write")
 
     def close(self) -> None:
         self._decoders.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
 
     def run_once(self) -> BatchReport | None:
-        """Process one batch; None when nothing was waiting."""
+        """Process one batch from claim to commit; None when nothing was waiting."""
+        batch = self._claim_and_infer()
+        return self._write_batch(*batch) if batch else None
+
+    def drain(self, should_stop: Callable[[], bool]) -> int:
+        """Run batches until the queue is empty, writing batch n while batch n+1 is inferred.
+
+        Writing (highdicom, pydicom, the database) holds the GIL while inference mostly
+        runs in torch without it, so the two overlap; at most one batch waits to be
+        written. Returns how many instances were claimed.
+        """
+        claimed = 0
+        pending: Future[BatchReport] | None = None
+        try:
+            while not should_stop():
+                batch = self._claim_and_infer()
+                if batch is None:
+                    break
+                claimed += len(batch[0])
+                if pending is not None:
+                    pending.result()
+                pending = self._writer.submit(self._write_batch, *batch)
+                if len(batch[0]) < self.settings.model.batch_size:
+                    break
+        finally:
+            if pending is not None:
+                pending.result()
+        return claimed
+
+    def _claim_and_infer(self) -> tuple[list[_Work], float] | None:
         with self.db.session() as session:
             claims = claim_instances(session, self.worker, self.settings.model.batch_size,
                                      self.settings.scheduler.lease_seconds)
@@ -78,6 +110,9 @@ class InferenceStep:
         started = time.perf_counter()
         work = list(self._decoders.map(self._decode, claims))
         self._infer([w for w in work if w.error is None])
+        return work, started
+
+    def _write_batch(self, work: list[_Work], started: float) -> BatchReport:
         done = failed = 0
         for item in work:
             if item.error is None:
@@ -87,7 +122,7 @@ class InferenceStep:
                 failed += 1
             else:
                 done += 1
-        report = BatchReport(len(claims), done, failed, time.perf_counter() - started)
+        report = BatchReport(len(work), done, failed, time.perf_counter() - started)
         metrics.observe_batch(report.seconds, report.done)
         if failed:
             metrics.observe_failure(failed)

@@ -120,10 +120,7 @@ class Service:
         assert self.inference is not None
         with self._stored_lock:
             self._stored_since_batch = 0
-        while not self._stop.is_set():
-            report = self.inference.run_once()
-            if report is None or report.claimed < self.settings.model.batch_size:
-                return
+        self.inference.drain(self._stop.is_set)
 
     def _count_stored(self) -> None:
         with self._stored_lock:

@@ -57,7 +57,7 @@ def make_stage(db_url: str, tmp_path: Path) -> Callable[..., Stage]:
 
     def make(**overrides: object) -> Stage:
         data = {"storage": {"root": str(tmp_path / "storage")}, "database": {"url": db_url},
-                "scheduler": {"study_quiet_seconds": 0, "lease_seconds": 60},
+                "scheduler": {"study_quiet_seconds": 0, "lease_seconds": 60, "output_processes": 0},
                 "delivery": {"backoff_seconds": 0, "max_attempts": 3},
                 "destinations": [{"name": "archive", "folder": str(tmp_path / "archive")}]}
         data.update(overrides)

@@ -203,8 +203,9 @@ def test_a_database_error_fails_one_instance_not_the_batch(stage, tiny_engine, s
     assert failed.sop_instance_uid == uids[1] and "value too long" in failed.error
 
 
-def test_drain_processes_every_batch_with_writes_overlapping(make_stage, tiny_engine, study_uid):
-    stage = make_stage(model={"batch_size": 2})
+def test_drain_processes_every_batch_with_outputs_built_in_worker_processes(make_stage, tiny_engine, study_uid):
+    stage = make_stage(model={"batch_size": 2},
+                       scheduler={"study_quiet_seconds": 0, "lease_seconds": 60, "output_processes": 1})
     for i in range(5):
         stage.receive(study_uid, seed=i)
     step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
@@ -214,6 +215,26 @@ def test_drain_processes_every_batch_with_writes_overlapping(make_stage, tiny_en
         step.close()
     assert count(stage, Instance, Instance.state == InstanceState.DONE) == 5
     assert count(stage, Result) == 5
+    assert count(stage, Output, Output.kind == OutputKind.OVERLAY) == 5
+
+
+def test_a_dead_output_worker_costs_no_image(make_stage, tiny_engine, study_uid):
+    import os
+    import signal
+
+    stage = make_stage(scheduler={"study_quiet_seconds": 0, "lease_seconds": 60, "output_processes": 1})
+    stage.receive(study_uid, seed=1)
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    try:
+        pid = step._builders.submit(os.getpid).result()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        report = step.run_once()
+        assert (report.done, report.failed) == (1, 0)
+        stage.receive(study_uid, seed=2)
+        assert step.run_once().done == 1, "fresh workers serve the next batch"
+    finally:
+        step.close()
 
 
 def test_drain_stops_when_asked(make_stage, tiny_engine, study_uid):

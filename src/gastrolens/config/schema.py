@@ -192,6 +192,9 @@ class SchedulerSettings(_Section):
     lease_seconds: float = Field(300.0, gt=0)
     """A claim older than this is taken to belong to a dead process and is claimed again."""
     decode_threads: int = Field(2, ge=1, le=64)
+    output_processes: int | None = Field(None, ge=0, le=64)
+    """Worker processes that build SEG/SR/overlay objects (pure Python, GIL-bound);
+    unset: one per CPU beyond the first, at most 4; 0: build them in the daemon's own process."""
 
 
 class DestinationTLS(_Section):

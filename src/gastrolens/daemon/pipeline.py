@@ -10,9 +10,11 @@ instance gets exactly one set of results even when a lease expired under a slow 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -22,6 +24,7 @@ from sqlalchemy import select
 
 from gastrolens.api import metrics
 from gastrolens.config import Settings
+from gastrolens.daemon.workers import output_workers
 from gastrolens.db import Database, audit
 from gastrolens.db.queue import ClaimedInstance, claim_instances, hold_instance
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome, OutputKind
@@ -66,10 +69,15 @@ class InferenceStep:
         self.worker = worker
         self._decoders = ThreadPoolExecutor(settings.scheduler.decode_threads, thread_name_prefix="gastrolens-decode")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="gastrolens-write")
+        processes = settings.scheduler.output_processes
+        self._processes = min(4, (os.cpu_count() or 1) - 1) if processes is None else processes
+        self._builders = self._new_builders()
 
     def close(self) -> None:
         self._decoders.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        if self._builders is not None:
+            self._builders.shutdown(wait=True)
 
     def run_once(self) -> BatchReport | None:
         """Process one batch from claim to commit; None when nothing was waiting."""
@@ -113,10 +121,12 @@ class InferenceStep:
         return work, started
 
     def _write_batch(self, work: list[_Work], started: float) -> BatchReport:
+        # Every instance's outputs are built at once in the worker processes, then recorded in order.
+        builds = {id(item): self._submit_outputs(item) for item in work if item.error is None}
         done = failed = 0
         for item in work:
             if item.error is None:
-                item.error = self._write_and_record(item)
+                item.error = self._record_outputs(item, builds[id(item)])
             if item.error is not None:
                 self._fail(item)
                 failed += 1
@@ -163,15 +173,54 @@ class InferenceStep:
     def _output_dir(self, claim: ClaimedInstance) -> Path:
         return self.store.absolute(str(PurePosixPath("outputs", claim.study_instance_uid)))
 
-    def _write_and_record(self, item: _Work) -> str | None:
-        """Write the outputs and commit everything; the failure reason, or None."""
-        claim = item.claim
-        assert item.dataset is not None
+    def _new_builders(self) -> ProcessPoolExecutor | None:
+        return output_workers(self._processes) if self._processes > 0 else None
+
+    def _replace_builders(self) -> None:
+        """Start fresh workers after one died (a broken pool refuses all further work)."""
+        log.warning("starting fresh output worker processes")
+        if self._builders is not None:
+            self._builders.shutdown(wait=False, cancel_futures=True)
+        self._builders = self._new_builders()
+
+    def _output_args(self, item: _Work) -> tuple[tuple, dict]:  # type: ignore[type-arg]
+        args = (item.dataset, item.findings, self._output_dir(item.claim), self.settings.outputs)
+        return args, {"frames": item.frames, "fsync": self.settings.storage.fsync}
+
+    def _submit_outputs(self, item: _Work) -> Future[list[WrittenOutput]]:
+        args, options = self._output_args(item)
+        if self._builders is not None:
+            try:
+                return self._builders.submit(write_outputs, *args, **options)
+            except BrokenProcessPool:
+                self._replace_builders()
+                return self._builders.submit(write_outputs, *args, **options)  # type: ignore[union-attr]
+        future: Future[list[WrittenOutput]] = Future()
         try:
-            written = write_outputs(item.dataset, item.findings, self._output_dir(claim), self.settings.outputs,
-                                    frames=item.frames, fsync=self.settings.storage.fsync)
+            future.set_result(write_outputs(*args, **options))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def _built(self, item: _Work, build: Future[list[WrittenOutput]]) -> list[WrittenOutput]:
+        try:
+            return build.result()
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): not this image's fault. Build it here
+            # and start fresh workers for the next batch.
+            log.error("an output worker process died; building outputs of %s in the daemon", item.claim.sop_instance_uid)
+            self._replace_builders()
+            args, options = self._output_args(item)
+            return write_outputs(*args, **options)
+
+    def _record_outputs(self, item: _Work, build: Future[list[WrittenOutput]]) -> str | None:
+        """Wait for the instance's outputs and commit everything; the failure reason, or None."""
+        try:
+            written = self._built(item, build)
         except GastroLensError as exc:
             return f"cannot write outputs: {exc}"
+        except Exception as exc:  # a worker process that died, or an error that did not pickle
+            return f"cannot write outputs: {exc.__class__.__name__}: {exc}"
         try:
             self._record(item, written)
         except DatabaseError as exc:  # this instance fails alone; the batch goes on

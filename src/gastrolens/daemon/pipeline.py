@@ -1,8 +1,10 @@
 """The inference step: claim a batch across studies, decode, infer, write outputs, record.
 
-One call of :meth:`InferenceStep.run_once` handles one batch. Decoding runs in a
-thread pool; one bad instance fails alone with its reason and the rest of the batch
-goes on. Results, outputs, deliveries and the ``done`` state of an instance commit in
+One call of :meth:`InferenceStep.run_once` handles one batch; :meth:`InferenceStep.drain`
+(what the scheduler runs) writes batch n while batch n+1 is inferred. Decoding runs in
+a thread pool, SEG/SR/overlay objects are built in worker processes
+(`gastrolens.daemon.workers`); one bad instance fails alone with its reason and the
+rest of the batch goes on. Results, outputs, deliveries and the ``done`` state of an instance commit in
 one transaction, and only while this worker still holds the instance's claim, so an
 instance gets exactly one set of results even when a lease expired under a slow worker.
 """

@@ -24,10 +24,19 @@ POSTGRES_ADMIN_URL = os.environ.get("GASTROLENS_TEST_POSTGRES", "postgresql+psyc
 READY = re.compile(r"GastroLens ready: AE title (\S+) on (\S+):(\d+)")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port not handed out before in this test run (the kernel may offer
+    the same one twice when a test picks ports for several peers before any binds)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def dcmtk(tool: str, *args: str, check: bool = False, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from datetime import timedelta
 
@@ -18,6 +17,7 @@ from gastrolens.daemon.retention import RetentionStep
 from gastrolens.db.queue import claim_instances
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study, utcnow
+from support import free_port
 
 
 def count(stage, table, *where) -> int:
@@ -131,14 +131,8 @@ def test_folder_delivery(stage, tiny_engine, study_uid, tmp_path):
     assert len(list((tmp_path / "archive" / study_uid).glob("*.dcm"))) == attempts
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_peer_backs_off_then_dies_and_can_be_requeued(make_stage, tiny_engine, study_uid):
-    stage = make_stage(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": _closed_port()}],
+    stage = make_stage(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}],
                        delivery={"backoff_seconds": 0, "max_attempts": 2})
     stage.receive(study_uid)
     InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
@@ -155,7 +149,7 @@ def test_unreachable_peer_backs_off_then_dies_and_can_be_requeued(make_stage, ti
 
 
 def test_backoff_waits_before_the_next_attempt(make_stage, tiny_engine, study_uid):
-    stage = make_stage(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": _closed_port()}],
+    stage = make_stage(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}],
                        delivery={"backoff_seconds": 3600, "max_attempts": 5})
     stage.receive(study_uid)
     InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
@@ -166,7 +160,7 @@ def test_backoff_waits_before_the_next_attempt(make_stage, tiny_engine, study_ui
 
 def test_retention_keeps_what_was_not_delivered(make_stage, tiny_engine, study_uid):
     stage = make_stage(retention={"enabled": True, "days": 1},
-                       destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": _closed_port()}])
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}])
     stage.receive(study_uid)
     InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
     old = utcnow() - timedelta(days=2)

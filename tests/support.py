@@ -108,8 +108,10 @@ class Daemon:
 
 
 def start_daemon(config: Path, timeout: float = 90, env: dict[str, str] | None = None) -> Daemon:
+    # The config file alone decides: a developer's own GASTROLENS_* variables must not leak in.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GASTROLENS_")}
     process = subprocess.Popen([*GASTROLENS, "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                               stderr=subprocess.PIPE, text=True, env={**clean, **(env or {})})
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True).start()
     deadline = time.monotonic() + timeout

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import socket
 import sqlite3
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,10 +30,8 @@ from gastrolens.dicom_io.receiver import Receiver
 from gastrolens.dicom_io.store import Store
 from gastrolens.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
-VENV_GASTROLENS = REPO / ".venv" / "bin" / "gastrolens"
-GASTROLENS = [str(VENV_GASTROLENS)] if VENV_GASTROLENS.exists() else [sys.executable, "-m", "gastrolens.cli"]
-READY = re.compile(r"GastroLens ready: AE title (\S+) on (\S+):(\d+)")
+import support
+
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/echoscu").exists(), reason="DCMTK is not installed")
@@ -130,19 +124,24 @@ def sc_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class Daemon:
-    process: subprocess.Popen[str]
-    port: int
-    config: Path
+    """`gastrolens serve` (started by the suite's shared helper) and its SQLite database."""
+
+    serve: support.Daemon
     database: Path
-    stderr_path: Path
+
+    @property
+    def port(self) -> int:
+        return self.serve.port
+
+    @property
+    def config(self) -> Path:
+        return self.serve.config
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+        return self.serve.stop()
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.serve.log
 
     def audit_reasons(self, event_type: str, expect: str, timeout: float = 5) -> list[str]:
         """Reasons of ``event_type`` audit rows, waiting up to ``timeout`` for one containing ``expect``.
@@ -182,33 +181,6 @@ url = "sqlite:///{folder / 'gastrolens.db'}"
     return config
 
 
-def _serve(config: Path, stderr_path: Path) -> subprocess.Popen[str]:
-    with open(stderr_path, "w") as stderr:
-        return subprocess.Popen([*GASTROLENS, "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                                stderr=stderr, text=True, env={k: v for k, v in os.environ.items()
-                                                               if not k.startswith("GASTROLENS_")})
-
-
-def _wait_ready(process: subprocess.Popen[str], stderr_path: Path, timeout: float = 180) -> int:
-    found: list[int] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if match := READY.search(line):
-                found.append(int(match.group(3)))
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not found:
-        process.kill()
-        raise AssertionError(f"the daemon did not print its ready line within {timeout} s "
-                             f"(exit code {process.poll()}):\n{stderr_path.read_text(errors='replace')[-3000:]}")
-    return found[0]
-
-
 @pytest.fixture(scope="module")
 def tls_daemon(tmp_path_factory: pytest.TempPathFactory, pki: Path, tiny_model: Path) -> Iterator[Daemon]:
     """TLS with `ca` set: client certificates signed by our CA are required."""
@@ -236,9 +208,7 @@ def tls_receiver_no_ca(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> I
 
 def _daemon(folder: Path, pki: Path, model: Path, *, ca: bool) -> Iterator[Daemon]:
     config = _tls_config(folder, pki, ca=ca, model=model)
-    stderr_path = folder / "serve.stderr"
-    process = _serve(config, stderr_path)
-    daemon = Daemon(process, _wait_ready(process, stderr_path), config, folder / "gastrolens.db", stderr_path)
+    daemon = Daemon(support.start_daemon(config, timeout=180), folder / "gastrolens.db")
     yield daemon
     assert daemon.stop() == 0, f"gastrolens serve did not exit 0 on SIGTERM:\n{daemon.stderr()[-3000:]}"
 
@@ -268,9 +238,7 @@ def echo(peer: Daemon | int, *tls: str) -> subprocess.CompletedProcess[str]:
 
 
 def status(daemon: Daemon) -> dict:
-    done = subprocess.run([*GASTROLENS, "status", "--json", "--config", str(daemon.config)], capture_output=True,
-                          text=True, timeout=60, check=True)
-    return json.loads(done.stdout)
+    return json.loads(daemon.serve.gastrolens("status", "--json").stdout)
 
 
 # -- with ca: client certificates required ----------------------------------------------
@@ -350,9 +318,10 @@ def test_an_unreadable_cert_is_a_config_error(tmp_path: Path, pki: Path, cert: s
 
 def test_gastrolens_serve_refuses_to_start_with_an_unreadable_cert(tmp_path: Path, pki: Path) -> None:
     config = _tls_config(tmp_path, pki, ca=True, cert=tmp_path / "missing.crt")
-    process = _serve(config, tmp_path / "serve.stderr")
-    assert process.wait(timeout=60) == 2
-    stderr = (tmp_path / "serve.stderr").read_text()
+    done = subprocess.run([*support.GASTROLENS, "serve", "--config", str(config)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    stderr = done.stderr
     assert f"{config}: dicom.tls.cert: cannot read {tmp_path / 'missing.crt'}" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "gastrolens.db").exists()

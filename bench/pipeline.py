@@ -269,7 +269,7 @@ def breakdown(db_url: str, log_path: Path, first_store: datetime, count: int) ->
 
 def run_engine(files: Path, args: argparse.Namespace) -> float:
     from gastrolens.config.schema import ModelSettings
-    from gastrolens.dicom_io.read import decode_rgb_frames
+    from gastrolens.dicom_io.documents.read import decode_rgb_frames
     from gastrolens.models import Engine
 
     frames = [frame for path in sorted(files.iterdir()) for frame in decode_rgb_frames(path)]
@@ -299,7 +299,7 @@ def run_phases(folder: Path, files: Path, args: argparse.Namespace) -> None:
     from collections import defaultdict
 
     import gastrolens.daemon.pipeline as pipeline_module
-    import gastrolens.dicom_io.outputs as outputs_module
+    import gastrolens.dicom_io.documents.outputs as outputs_module
     from gastrolens.config import Settings
     from gastrolens.daemon.service import Service
 

@@ -45,6 +45,15 @@ CLASS_ORDER: tuple[LesionClass, ...] = tuple(LesionClass)
 """Index i of the classifier's output is ``CLASS_ORDER[i]``."""
 
 
+class OutputKind(str, enum.Enum):
+    """The result objects GastroLens writes back into a study."""
+
+    SEG = "seg"
+    SR = "sr"
+    OVERLAY = "overlay"
+    STUDY_SR = "study_sr"
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """Names the model behind a finding; every output carries it."""

@@ -33,9 +33,10 @@ from gastrolens.api.server import ApiServer
 from gastrolens.config import Settings
 from gastrolens.db import Database
 from gastrolens.db.instances import VersionPlan, record_instance
-from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, OutputKind
+from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState
+from gastrolens.findings import OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study
-from gastrolens.dicom_io.inspect import InstanceHeader
+from gastrolens.dicom_io.net.inspect import InstanceHeader
 from gastrolens.findings import CLASS_ORDER, LesionClass
 from gastrolens.samples import SECONDARY_CAPTURE, as_dicom, endoscopy_frame
 

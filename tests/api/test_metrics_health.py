@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gastrolens.api import metrics
+from gastrolens import metrics
 from gastrolens.db import Database
 
 from .readside import VIEWER, Node, serving

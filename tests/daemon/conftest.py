@@ -13,8 +13,8 @@ from pydicom.uid import generate_uid
 from gastrolens.config import Settings
 from gastrolens.db import Database
 from gastrolens.db.instances import plan_version, record_instance
-from gastrolens.dicom_io.inspect import inspect_instance
-from gastrolens.dicom_io.store import Store
+from gastrolens.dicom_io.net.inspect import inspect_instance
+from gastrolens.storage.store import Store
 from gastrolens.findings import LesionClass
 from gastrolens.models import Engine, untrained_package
 from gastrolens.samples import as_dicom, endoscopy_frame

@@ -15,7 +15,8 @@ from gastrolens.daemon.delivery import DeliveryStep, requeue
 from gastrolens.daemon.pipeline import InferenceStep
 from gastrolens.daemon.retention import RetentionStep
 from gastrolens.db.queue import claim_instances
-from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, OutputKind
+from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState
+from gastrolens.findings import OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study, utcnow
 from support import free_port
 

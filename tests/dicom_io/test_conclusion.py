@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from gastrolens.config.schema import OutputSettings
-from gastrolens.dicom_io.conclusion import DEFAULT_PRIORITY, aggregate_study, parse_priority
+from gastrolens.models.conclusion import DEFAULT_PRIORITY, aggregate_study, parse_priority
 from gastrolens.findings import LesionClass
 
 from .synthetic import make_finding

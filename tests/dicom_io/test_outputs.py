@@ -19,11 +19,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
-import gastrolens.dicom_io.outputs as outputs_module
+import gastrolens.dicom_io.documents.outputs as outputs_module
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.config.schema import OutputSettings
-from gastrolens.dicom_io import codes
-from gastrolens.dicom_io.outputs import OutputKind, PredecessorRef, write_outputs, write_study_sr
+from gastrolens.dicom_io.documents import codes
+from gastrolens.dicom_io.documents.outputs import OutputKind, PredecessorRef, write_outputs, write_study_sr
 from gastrolens.errors import OutputError
 from gastrolens.findings import LesionClass
 
@@ -270,7 +270,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch):
             def explode(fh):
                 fh.write(b"partial")
                 raise OSError("disk full")
-            from gastrolens.dicom_io.atomic import write_atomic
+            from gastrolens.storage.atomic import write_atomic
             write_atomic(path, explode, fsync=fsync)
         return real_save(ds, path, fsync=fsync)
 

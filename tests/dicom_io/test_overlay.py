@@ -6,10 +6,11 @@ from PIL import Image
 from pydicom import dcmread
 
 from gastrolens import UNTRAINED_WARNING
-from gastrolens.dicom_io.common import save, source_header
-from gastrolens.dicom_io.overlay import build_overlay, draw_overlay, label_text, outline
-from gastrolens.dicom_io.read import decode_rgb_frames
-from gastrolens.dicom_io.uids import OutputKind, instance_uid, series_uid
+from gastrolens.dicom_io.documents.common import save, source_header
+from gastrolens.dicom_io.documents.overlay import build_overlay, draw_overlay, label_text, outline
+from gastrolens.dicom_io.documents.read import decode_rgb_frames
+from gastrolens.findings import OutputKind
+from gastrolens.dicom_io.documents.uids import instance_uid, series_uid
 from gastrolens.errors import OutputError
 from gastrolens.findings import LesionClass
 

@@ -5,7 +5,7 @@ import pytest
 from pydicom.pixels import convert_color_space
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from gastrolens.dicom_io.read import decode_rgb_frames
+from gastrolens.dicom_io.documents.read import decode_rgb_frames
 from gastrolens.errors import DecodeError
 
 from .synthetic import (

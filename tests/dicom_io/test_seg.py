@@ -4,10 +4,11 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from gastrolens.dicom_io import codes
-from gastrolens.dicom_io.common import check_findings, save, source_header
-from gastrolens.dicom_io.seg import build_segmentation
-from gastrolens.dicom_io.uids import OutputKind, instance_uid, series_uid
+from gastrolens.dicom_io.documents import codes
+from gastrolens.dicom_io.documents.common import check_findings, save, source_header
+from gastrolens.dicom_io.documents.seg import build_segmentation
+from gastrolens.findings import OutputKind
+from gastrolens.dicom_io.documents.uids import instance_uid, series_uid
 from gastrolens.findings import LesionClass
 
 from .conftest import assert_dciodvfy_clean

@@ -5,12 +5,13 @@ import pytest
 from pydicom import dcmread
 
 from gastrolens import UNTRAINED_WARNING
-from gastrolens.dicom_io import codes
-from gastrolens.dicom_io.common import check_findings, save, source_header
-from gastrolens.dicom_io.conclusion import aggregate_study
-from gastrolens.dicom_io.seg import build_segmentation
-from gastrolens.dicom_io.sr import PredecessorRef, build_image_sr, build_study_sr
-from gastrolens.dicom_io.uids import OutputKind, instance_uid, study_sr_instance_uid, study_sr_series_uid
+from gastrolens.dicom_io.documents import codes
+from gastrolens.dicom_io.documents.common import check_findings, save, source_header
+from gastrolens.models.conclusion import aggregate_study
+from gastrolens.dicom_io.documents.seg import build_segmentation
+from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr, build_study_sr
+from gastrolens.findings import OutputKind
+from gastrolens.dicom_io.documents.uids import instance_uid, study_sr_instance_uid, study_sr_series_uid
 from gastrolens.errors import OutputError
 from gastrolens.findings import CLASS_ORDER, LesionClass
 

@@ -3,7 +3,7 @@ import hashlib
 import pytest
 from pydicom.uid import UID
 
-from gastrolens.dicom_io.uids import (
+from gastrolens.dicom_io.documents.uids import (
     OutputKind,
     derived_uid,
     instance_uid,

@@ -10,8 +10,8 @@ import pytest
 
 from gastrolens.config.schema import DicomSettings
 from gastrolens.db import Database
-from gastrolens.dicom_io.receiver import Receiver
-from gastrolens.dicom_io.store import Store
+from gastrolens.dicom_io.net.receiver import Receiver
+from gastrolens.storage.store import Store
 
 
 @dataclass

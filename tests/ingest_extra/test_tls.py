@@ -26,8 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from gastrolens.config import load_settings
 from gastrolens.db import Database
-from gastrolens.dicom_io.receiver import Receiver
-from gastrolens.dicom_io.store import Store
+from gastrolens.dicom_io.net.receiver import Receiver
+from gastrolens.storage.store import Store
 from gastrolens.errors import ConfigError
 
 import support

@@ -15,8 +15,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from gastrolens import UNTRAINED_WARNING
-from gastrolens.dicom_io import codes
-from gastrolens.dicom_io.conclusion import aggregate_study
+from gastrolens.dicom_io.documents import codes
+from gastrolens.models.conclusion import aggregate_study
 from gastrolens.findings import LesionClass
 from pipeline_e2e.peers import DatabaseView, SyntheticStudy
 

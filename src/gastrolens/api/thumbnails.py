@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from gastrolens.dicom_io.read import decode_rgb_frames
+from gastrolens.dicom_io.documents.read import decode_rgb_frames
 from gastrolens.errors import DecodeError
 
 log = logging.getLogger(__name__)

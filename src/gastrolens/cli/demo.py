@@ -21,7 +21,8 @@ from sqlalchemy import select
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.cli.common import add_config_option, settings_from
 from gastrolens.db import Database
-from gastrolens.db.states import InstanceState, OutputKind
+from gastrolens.db.states import InstanceState
+from gastrolens.findings import OutputKind
 from gastrolens.db.tables import Instance, Output, Result, Study
 from gastrolens.errors import GastroLensError
 from gastrolens.findings import LesionClass

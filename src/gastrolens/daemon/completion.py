@@ -19,10 +19,11 @@ from sqlalchemy import exists, func, select, update
 
 from gastrolens.config import Settings
 from gastrolens.db import Database, audit
-from gastrolens.db.states import AuditEventType, InstanceState, Outcome, OutputKind
+from gastrolens.db.states import AuditEventType, InstanceState, Outcome
+from gastrolens.findings import OutputKind
 from gastrolens.db.tables import Instance, Output, Result, Series, Study, utcnow
-from gastrolens.dicom_io.outputs import PredecessorRef, write_study_sr
-from gastrolens.dicom_io.store import Store
+from gastrolens.dicom_io.documents.outputs import PredecessorRef, write_study_sr
+from gastrolens.storage.store import Store
 from gastrolens.errors import GastroLensError
 from gastrolens.findings import CLASS_ORDER, ImageFinding, LesionClass, ModelIdentity
 

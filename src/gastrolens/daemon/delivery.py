@@ -21,9 +21,9 @@ from gastrolens.db import Database, audit
 from gastrolens.db.queue import claim_deliveries
 from gastrolens.db.states import AuditEventType, DeliveryState, Outcome
 from gastrolens.db.tables import Delivery, Output, Study, utcnow
-from gastrolens.dicom_io.atomic import write_atomic
-from gastrolens.dicom_io.send import SendResult, send_files
-from gastrolens.dicom_io.store import Store
+from gastrolens.storage.atomic import write_atomic
+from gastrolens.dicom_io.net.send import SendResult, send_files
+from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
 

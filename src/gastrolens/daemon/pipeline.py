@@ -24,16 +24,17 @@ import numpy as np
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from gastrolens.api import metrics
+from gastrolens import metrics
 from gastrolens.config import Settings
 from gastrolens.daemon.workers import output_workers
 from gastrolens.db import Database, audit
 from gastrolens.db.queue import ClaimedInstance, claim_instances, hold_instance
-from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome, OutputKind
+from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
+from gastrolens.findings import OutputKind
 from gastrolens.db.tables import Delivery, Output, Result, utcnow
-from gastrolens.dicom_io.outputs import WrittenOutput, write_outputs
-from gastrolens.dicom_io.read import decode_rgb_frames, read_dataset
-from gastrolens.dicom_io.store import Store
+from gastrolens.dicom_io.documents.outputs import WrittenOutput, write_outputs
+from gastrolens.dicom_io.documents.read import decode_rgb_frames, read_dataset
+from gastrolens.storage.store import Store
 from gastrolens.errors import DatabaseError, GastroLensError
 from gastrolens.findings import ImageFinding
 from gastrolens.models import Engine, validate_image

@@ -16,7 +16,7 @@ from gastrolens.config import Settings
 from gastrolens.db import Database, audit
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
 from gastrolens.db.tables import Delivery, Instance, Output, utcnow
-from gastrolens.dicom_io.store import Store
+from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
 

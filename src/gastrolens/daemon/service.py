@@ -24,8 +24,8 @@ from gastrolens.daemon.retention import RetentionStep
 from gastrolens.daemon.scheduler import RETENTION_INTERVAL_SECONDS, Scheduler
 from gastrolens.db import Database, audit
 from gastrolens.db.states import AuditEventType, Outcome
-from gastrolens.dicom_io.receiver import Receiver
-from gastrolens.dicom_io.store import Store
+from gastrolens.dicom_io.net.receiver import Receiver
+from gastrolens.storage.store import Store
 from gastrolens.models import Engine
 
 log = logging.getLogger(__name__)

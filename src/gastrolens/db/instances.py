@@ -20,7 +20,7 @@ from gastrolens.db.states import AuditEventType, InstanceState, Outcome
 from gastrolens.db.tables import Instance, Series, Study, utcnow
 
 if TYPE_CHECKING:  # the header type only; db does not depend on dicom_io
-    from gastrolens.dicom_io.inspect import InstanceHeader
+    from gastrolens.dicom_io.net.inspect import InstanceHeader
 
 
 @dataclass(frozen=True)

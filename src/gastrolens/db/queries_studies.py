@@ -17,7 +17,8 @@ from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, sel
 from sqlalchemy.orm import Session
 
 from gastrolens.db.filters import StudyFilter, StudyQuery, StudyState, day_after
-from gastrolens.db.states import DeliveryState, InstanceState, OutputKind
+from gastrolens.db.states import DeliveryState, InstanceState
+from gastrolens.findings import OutputKind
 from gastrolens.db.tables import Delivery, Instance, Output, Result, Series, Study
 from gastrolens.db.views import (
     DeliveryView,

@@ -23,15 +23,6 @@ class DeliveryState(str, enum.Enum):
     DEAD = "dead"
 
 
-class OutputKind(str, enum.Enum):
-    """The result objects GastroLens writes back into a study."""
-
-    SEG = "seg"
-    SR = "sr"
-    OVERLAY = "overlay"
-    STUDY_SR = "study_sr"
-
-
 class Outcome(str, enum.Enum):
     SUCCESS = "success"
     WARNING = "warning"

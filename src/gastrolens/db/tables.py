@@ -25,7 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome, OutputKind
+from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
+from gastrolens.findings import OutputKind
 
 UID = String(64)
 

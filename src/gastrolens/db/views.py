@@ -12,7 +12,8 @@ from typing import Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from gastrolens.db.filters import StudyState
-from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome, OutputKind
+from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
+from gastrolens.findings import OutputKind
 
 T = TypeVar("T")
 

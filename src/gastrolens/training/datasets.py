@@ -2,7 +2,7 @@
 
 Nothing is cached, so memory does not grow with the data set: a DataLoader holds only
 the batches its workers are preparing. PNG and JPEG are read with Pillow, DICOM with
-``gastrolens.dicom_io.read`` (the daemon's own decoder: YBR, palette and grayscale
+``gastrolens.dicom_io.documents.read`` (the daemon's own decoder: YBR, palette and grayscale
 become RGB exactly as in production). Masks are PNGs; any non-zero pixel is lesion.
 """
 
@@ -81,7 +81,7 @@ def mask_shape(path: Path) -> tuple[int, int]:
 def read_rgb(path: Path) -> np.ndarray:
     """The image as RGB uint8 (rows, cols, 3)."""
     if is_dicom(path):
-        from gastrolens.dicom_io.read import decode_rgb_frames
+        from gastrolens.dicom_io.documents.read import decode_rgb_frames
 
         try:
             frames = decode_rgb_frames(path)

@@ -33,12 +33,12 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from gastrolens import UNTRAINED_WARNING
-from gastrolens.dicom_io import codes
-from gastrolens.dicom_io.common import MANUFACTURER, check_lo, model_label, now, series_description
-from gastrolens.dicom_io.conclusion import StudyConclusion
-from gastrolens.dicom_io.read import number_of_frames
-from gastrolens.dicom_io.seg import SegmentInfo
-from gastrolens.dicom_io.uids import (
+from gastrolens.dicom_io.documents import codes
+from gastrolens.dicom_io.documents.common import MANUFACTURER, check_lo, model_label, now, series_description
+from gastrolens.models.conclusion import StudyConclusion
+from gastrolens.dicom_io.documents.read import number_of_frames
+from gastrolens.dicom_io.documents.seg import SegmentInfo
+from gastrolens.dicom_io.documents.uids import (
     OutputKind,
     derived_uid,
     instance_uid,

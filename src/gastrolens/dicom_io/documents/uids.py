@@ -23,7 +23,7 @@ import uuid
 
 from pydicom.uid import UID
 
-from gastrolens.db.states import OutputKind
+from gastrolens.findings import OutputKind
 from gastrolens.errors import OutputError
 
 _NAMESPACE = uuid.UUID("5b1d0f1e-6a43-5e0c-9b0c-6761737472f1")

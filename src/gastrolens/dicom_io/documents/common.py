@@ -29,8 +29,8 @@ from pydicom.uid import (
 )
 
 from gastrolens import UNTRAINED_WARNING, __version__
-from gastrolens.dicom_io.atomic import write_atomic
-from gastrolens.dicom_io.read import has_pixel_data, number_of_frames
+from gastrolens.storage.atomic import write_atomic
+from gastrolens.dicom_io.documents.read import has_pixel_data, number_of_frames
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import CLASS_ORDER, ImageFinding, ModelIdentity
 

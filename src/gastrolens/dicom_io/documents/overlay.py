@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from gastrolens import UNTRAINED_WARNING
-from gastrolens.dicom_io.common import (
+from gastrolens.dicom_io.documents.common import (
     MANUFACTURER,
     SOFTWARE_VERSION,
     check_lo,
@@ -30,7 +30,8 @@ from gastrolens.dicom_io.common import (
     series_description,
     source_was_lossy,
 )
-from gastrolens.dicom_io.uids import OutputKind, instance_uid, series_uid
+from gastrolens.findings import OutputKind
+from gastrolens.dicom_io.documents.uids import instance_uid, series_uid
 from gastrolens.errors import OutputError
 from gastrolens.findings import ImageFinding, ModelIdentity
 

@@ -13,8 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from gastrolens.dicom_io.atomic import write_bytes_atomic
-from gastrolens.dicom_io.inspect import is_valid_uid
+from pydicom.uid import UID
+
+from gastrolens.storage.atomic import write_bytes_atomic
 from gastrolens.errors import StorageError
 
 
@@ -78,5 +79,5 @@ class Store:
 
 def _require_uids(*uids: str) -> None:
     for uid in uids:
-        if not is_valid_uid(uid):
+        if not UID(uid).is_valid:
             raise StorageError(f"{uid[:80]!r} is not a valid UID; refusing to build a path from it")

@@ -24,8 +24,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from gastrolens.dicom_io import codes
-from gastrolens.dicom_io.common import (
+from gastrolens.dicom_io.documents import codes
+from gastrolens.dicom_io.documents.common import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     SOFTWARE_VERSION,
@@ -33,8 +33,9 @@ from gastrolens.dicom_io.common import (
     model_comment,
     series_description,
 )
-from gastrolens.dicom_io.read import number_of_frames
-from gastrolens.dicom_io.uids import OutputKind, derived_uid, instance_uid, series_uid
+from gastrolens.dicom_io.documents.read import number_of_frames
+from gastrolens.findings import OutputKind
+from gastrolens.dicom_io.documents.uids import derived_uid, instance_uid, series_uid
 from gastrolens.errors import OutputError
 from gastrolens.findings import ImageFinding, LesionClass, ModelIdentity
 

@@ -30,9 +30,9 @@ from gastrolens.db import Database, audit
 from gastrolens.db.instances import plan_version, record_duplicate, record_instance
 from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.db.tables import Quarantined
-from gastrolens.dicom_io.inspect import InstanceHeader, inspect_instance
-from gastrolens.dicom_io.store import Store
-from gastrolens.dicom_io.tls import HandshakeInThreadServer, server_context
+from gastrolens.dicom_io.net.inspect import InstanceHeader, inspect_instance
+from gastrolens.storage.store import Store
+from gastrolens.dicom_io.net.tls import HandshakeInThreadServer, server_context
 from gastrolens.errors import DatabaseError, GastroLensError, InvalidInstanceError, StorageError
 
 log = logging.getLogger(__name__)

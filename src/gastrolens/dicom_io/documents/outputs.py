@@ -18,13 +18,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from gastrolens.config.schema import OutputSettings
-from gastrolens.dicom_io.common import check_findings, check_source, save, source_header
-from gastrolens.dicom_io.conclusion import StudyConclusion, aggregate_study
-from gastrolens.dicom_io.overlay import build_overlay
-from gastrolens.dicom_io.read import decode_rgb_frames, number_of_frames
-from gastrolens.dicom_io.seg import build_segmentation
-from gastrolens.dicom_io.sr import PredecessorRef, build_image_sr, build_study_sr
-from gastrolens.dicom_io.uids import OutputKind
+from gastrolens.dicom_io.documents.common import check_findings, check_source, save, source_header
+from gastrolens.models.conclusion import StudyConclusion, aggregate_study
+from gastrolens.dicom_io.documents.overlay import build_overlay
+from gastrolens.dicom_io.documents.read import decode_rgb_frames, number_of_frames
+from gastrolens.dicom_io.documents.seg import build_segmentation
+from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr, build_study_sr
+from gastrolens.findings import OutputKind
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import ImageFinding, ModelIdentity
 

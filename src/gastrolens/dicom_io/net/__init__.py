@@ -1,0 +1,1 @@
+"""DICOM networking: the C-STORE receiver, senders, TLS and the receive-side header check."""

@@ -5,7 +5,7 @@ from gastrolens.config.schema import OutputSettings
 from gastrolens.models.conclusion import DEFAULT_PRIORITY, aggregate_study, parse_priority
 from gastrolens.findings import LesionClass
 
-from .synthetic import make_finding
+from dicom_io.documents.synthetic import make_finding
 
 N, PU, EGC, AGC, SMT = (LesionClass.NORMAL, LesionClass.PU, LesionClass.EGC_HGIN, LesionClass.AGC, LesionClass.SMT)
 

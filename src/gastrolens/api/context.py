@@ -67,7 +67,7 @@ class ApiContext:
             result = query(session)
             count = rows(result)
             audit.record(session, audit.Event(
-                AuditEventType.QUERY, principal.actor, Outcome.SUCCESS, study_uid=study_uid, sop_uid=sop_uid,
+                type=AuditEventType.QUERY, actor=principal.actor, outcome=Outcome.SUCCESS, study_uid=study_uid, sop_uid=sop_uid,
                 detail={"path": request.url.path, "filter": dict(criteria or {}), "rows": count},
             ))
         return result
@@ -76,7 +76,7 @@ class ApiContext:
         """Audit a read that a valid token's role does not allow."""
         with self.db.session() as session:
             audit.record(session, audit.Event(
-                AuditEventType.QUERY, principal.actor, Outcome.FAILURE,
+                type=AuditEventType.QUERY, actor=principal.actor, outcome=Outcome.FAILURE,
                 detail={"path": request.url.path, "refused": f"role {principal.role.value}, needs {needed.value}"},
             ))
 

@@ -29,7 +29,7 @@ def run_verify(args: argparse.Namespace) -> int:
     else:
         print(f"audit chain intact: {report.rows} rows")
     with db.session() as session:
-        audit.record(session, audit.Event(AuditEventType.AUDIT_VERIFIED, cli_actor(),
-                                          Outcome.SUCCESS if report.intact else Outcome.FAILURE,
+        audit.record(session, audit.Event(type=AuditEventType.AUDIT_VERIFIED, actor=cli_actor(),
+                                          outcome=Outcome.SUCCESS if report.intact else Outcome.FAILURE,
                                           detail={"rows": report.rows, "first_broken_id": report.first_broken_id}))
     return 0 if report.intact else 1

@@ -66,7 +66,7 @@ def run_export(args: argparse.Namespace) -> int:
                                              "filter": flt.described(), "chain": chain_state})
     with db.session() as session:
         audit.record(session, audit.Event(
-            AuditEventType.AUDIT_EXPORTED, actor, Outcome.SUCCESS if chain.intact else Outcome.WARNING,
+            type=AuditEventType.AUDIT_EXPORTED, actor=actor, outcome=Outcome.SUCCESS if chain.intact else Outcome.WARNING,
             detail={"filter": flt.described(), "format": args.format, "rows": count, "chain_intact": chain.intact,
                     "output": args.output.name if args.output else "stdout"}))
     print(f"exported {count} audit events; chain {'intact' if chain.intact else 'BROKEN at row ' + str(chain.first_broken_id)}"

@@ -21,6 +21,6 @@ def run_upgrade(args: argparse.Namespace) -> int:
     db = Database(settings_from(args).database.url)
     db.upgrade()
     with db.session() as session:
-        audit.record(session, audit.Event(AuditEventType.DATABASE_UPGRADED, cli_actor()))
+        audit.record(session, audit.Event(type=AuditEventType.DATABASE_UPGRADED, actor=cli_actor()))
     print("database at the latest schema")
     return 0

@@ -72,7 +72,7 @@ def run_list(args: argparse.Namespace) -> int:
     db.upgrade()
     with db.session() as session:
         page = list_studies(session, query)
-        audit.record(session, audit.Event(AuditEventType.QUERY, cli_actor(), detail={
+        audit.record(session, audit.Event(type=AuditEventType.QUERY, actor=cli_actor(), detail={
             "command": "results", "filter": query.described(), "rows": len(page.items)}))
     if args.format == "json":
         print(page.model_dump_json(indent=2))
@@ -98,7 +98,7 @@ def run_show(args: argparse.Namespace) -> int:
     db.upgrade()
     with db.session() as session:
         study = get_study(session, uid)
-        audit.record(session, audit.Event(AuditEventType.QUERY, cli_actor(), study_uid=uid, detail={
+        audit.record(session, audit.Event(type=AuditEventType.QUERY, actor=cli_actor(), study_uid=uid, detail={
             "command": "results show", "filter": {"study_uid": uid},
             "rows": 0 if study is None else 1 + len(study.instances)}))
     if study is None:

@@ -108,9 +108,9 @@ class StudyCompletion:
             session.flush()
             queue_deliveries(session, output, self.settings)
             audit.record(session, audit.Event(
-                AuditEventType.STUDY_REPORTED, self.worker, Outcome.SUCCESS, study_uid,
-                written.series_instance_uid, written.sop_instance_uid,
-                {"revision": revision, "conclusion": report.conclusion.conclusion.value,
+                type=AuditEventType.STUDY_REPORTED, actor=self.worker, outcome=Outcome.SUCCESS, study_uid=study_uid,
+                series_uid=written.series_instance_uid, sop_uid=written.sop_instance_uid,
+                detail={"revision": revision, "conclusion": report.conclusion.conclusion.value,
                  "reported": [c.value for c in report.conclusion.reported_classes],
                  "images": report.conclusion.image_count,
                  "predecessor": predecessor.sop_instance_uid if predecessor else None}))

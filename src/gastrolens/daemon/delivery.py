@@ -101,8 +101,8 @@ class DeliveryStep:
                 delivery.state = DeliveryState.DEAD
                 event, outcome = AuditEventType.DELIVERY_DEAD, Outcome.FAILURE
             audit.record(session, audit.Event(
-                event, self.worker, outcome, row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid,
-                {"delivery_id": delivery.id, "destination": delivery.destination, "attempt": delivery.attempts,
+                type=event, actor=self.worker, outcome=outcome, study_uid=row.study_instance_uid, series_uid=row.series_instance_uid, sop_uid=row.sop_instance_uid,
+                detail={"delivery_id": delivery.id, "destination": delivery.destination, "attempt": delivery.attempts,
                  "peer_status": None if result.status is None or result.status < 0 else f"0x{result.status:04X}",
                  "error": result.error,
                  "next_attempt_at": delivery.next_attempt_at.isoformat() if event is AuditEventType.DELIVERY_RETRYING else None}))
@@ -128,7 +128,7 @@ def requeue(db: Database, actor: str, delivery_id: int | None = None, all_dead: 
             delivery.claimed_by = delivery.lease_expires_at = None
             output = session.get(Output, delivery.output_id)
             audit.record(session, audit.Event(
-                AuditEventType.DELIVERY_REQUEUED, actor, Outcome.SUCCESS, sop_uid=output.sop_instance_uid if output else None,
+                type=AuditEventType.DELIVERY_REQUEUED, actor=actor, outcome=Outcome.SUCCESS, sop_uid=output.sop_instance_uid if output else None,
                 detail={"delivery_id": delivery.id, "destination": delivery.destination, "previous_state": previous.value}))
         return len(rows)
 

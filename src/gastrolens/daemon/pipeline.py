@@ -249,9 +249,9 @@ class InferenceStep:
             instance.error = None
             predicted = sorted({f.predicted.value for f in item.findings})
             audit.record(session, audit.Event(
-                AuditEventType.INSTANCE_DONE, self.worker, Outcome.SUCCESS, claim.study_instance_uid,
-                claim.series_instance_uid, claim.sop_instance_uid,
-                {"instance_id": claim.id, "frames": len(item.findings), "predicted": predicted,
+                type=AuditEventType.INSTANCE_DONE, actor=self.worker, outcome=Outcome.SUCCESS, study_uid=claim.study_instance_uid,
+                series_uid=claim.series_instance_uid, sop_uid=claim.sop_instance_uid,
+                detail={"instance_id": claim.id, "frames": len(item.findings), "predicted": predicted,
                  "model": item.findings[0].model.name, "model_version": item.findings[0].model.version,
                  "weights_sha256": item.findings[0].model.weights_sha256,
                  "untrained": item.findings[0].model.untrained}))
@@ -273,9 +273,9 @@ class InferenceStep:
         session.flush()
         queue_deliveries(session, output, self.settings)
         audit.record(session, audit.Event(
-            AuditEventType.OUTPUT_WRITTEN, self.worker, Outcome.SUCCESS, claim.study_instance_uid,
-            written.series_instance_uid, written.sop_instance_uid,
-            {"kind": kind.value, "source_sop_uid": claim.sop_instance_uid, "path": relative,
+            type=AuditEventType.OUTPUT_WRITTEN, actor=self.worker, outcome=Outcome.SUCCESS, study_uid=claim.study_instance_uid,
+            series_uid=written.series_instance_uid, sop_uid=written.sop_instance_uid,
+            detail={"kind": kind.value, "source_sop_uid": claim.sop_instance_uid, "path": relative,
              **({"note": "replaces an earlier output with the same UID"} if replaced else {})}))
 
     def _fail(self, item: _Work) -> None:
@@ -297,8 +297,8 @@ class InferenceStep:
             instance.finished_at = utcnow()
             instance.claimed_by = instance.lease_expires_at = None
             audit.record(session, audit.Event(
-                AuditEventType.INSTANCE_FAILED, self.worker, Outcome.FAILURE, claim.study_instance_uid,
-                claim.series_instance_uid, claim.sop_instance_uid, {"instance_id": claim.id, "reason": item.error}))
+                type=AuditEventType.INSTANCE_FAILED, actor=self.worker, outcome=Outcome.FAILURE, study_uid=claim.study_instance_uid,
+                series_uid=claim.series_instance_uid, sop_uid=claim.sop_instance_uid, detail={"instance_id": claim.id, "reason": item.error}))
 
 
 def queue_deliveries(session, output: Output, settings: Settings) -> None:  # type: ignore[no-untyped-def]

@@ -47,7 +47,7 @@ class RetentionStep:
                 row.removed_at = utcnow()
                 kind = "output" if isinstance(row, Output) else "instance"
                 audit.record(session, audit.Event(
-                    AuditEventType.RETENTION_REMOVED, self.worker, Outcome.SUCCESS, sop_uid=row.sop_instance_uid,
+                    type=AuditEventType.RETENTION_REMOVED, actor=self.worker, outcome=Outcome.SUCCESS, sop_uid=row.sop_instance_uid,
                     detail={"kind": kind, "id": row.id, "path": row.file_path, "file_existed": existed,
                             "retention_days": self.settings.retention.days}))
                 removed += 1

@@ -60,7 +60,7 @@ class Service:
         identity = self.engine.identity
         with self.db.session() as session:
             audit.record(session, audit.Event(
-                AuditEventType.MODEL_LOADED, self.worker, Outcome.WARNING if identity.untrained else Outcome.SUCCESS,
+                type=AuditEventType.MODEL_LOADED, actor=self.worker, outcome=Outcome.WARNING if identity.untrained else Outcome.SUCCESS,
                 detail={"name": identity.name, "version": identity.version, "weights_sha256": identity.weights_sha256,
                         "untrained": identity.untrained, "device": str(self.engine.device),
                         **({"warning": UNTRAINED_WARNING} if identity.untrained else {})}))
@@ -78,7 +78,7 @@ class Service:
             self.api.start()
             log.info("HTTP API and dashboard on %s", self.api.url)
         with self.db.session() as session:
-            audit.record(session, audit.Event(AuditEventType.SERVICE_STARTED, self.worker, detail={
+            audit.record(session, audit.Event(type=AuditEventType.SERVICE_STARTED, actor=self.worker, detail={
                 "version": __version__, "ae_title": self.settings.dicom.ae_title,
                 "bind": self.settings.dicom.bind, "port": self.receiver.port,
                 "destinations": [d.name for d in self.settings.destinations]}))
@@ -93,7 +93,7 @@ class Service:
         if self.engine is not None:
             self.engine.close()
         with self.db.session() as session:
-            audit.record(session, audit.Event(AuditEventType.SERVICE_STOPPED, self.worker))
+            audit.record(session, audit.Event(type=AuditEventType.SERVICE_STOPPED, actor=self.worker))
         self.db.dispose()
         log.info("GastroLens stopped")
 

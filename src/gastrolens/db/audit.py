@@ -26,7 +26,7 @@ GENESIS_HASH = "0" * 64
 _ADVISORY_LOCK_KEY = 0x6761_7374_726F  # "gastro"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Event:
     """What happened, to what, by whom. ``detail`` must be JSON-serialisable."""
 

@@ -47,13 +47,13 @@ def record_duplicate(session: Session, header: InstanceHeader, plan: VersionPlan
     audit.record(
         session,
         audit.Event(
-            AuditEventType.INSTANCE_DUPLICATE,
-            actor,
-            Outcome.SUCCESS,
-            header.study_uid,
-            header.series_uid,
-            header.sop_uid,
-            {"instance_id": plan.duplicate_of, "sha256": header.sha256, "note": "same content re-sent; nothing stored"},
+            type=AuditEventType.INSTANCE_DUPLICATE,
+            actor=actor,
+            outcome=Outcome.SUCCESS,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            detail={"instance_id": plan.duplicate_of, "sha256": header.sha256, "note": "same content re-sent; nothing stored"},
         ),
     )
 
@@ -100,13 +100,13 @@ def record_instance(
     audit.record(
         session,
         audit.Event(
-            AuditEventType.INSTANCE_NEW_VERSION if new_version else AuditEventType.INSTANCE_RECEIVED,
-            actor,
-            Outcome.WARNING if new_version else Outcome.SUCCESS,
-            header.study_uid,
-            header.series_uid,
-            header.sop_uid,
-            {
+            type=AuditEventType.INSTANCE_NEW_VERSION if new_version else AuditEventType.INSTANCE_RECEIVED,
+            actor=actor,
+            outcome=Outcome.WARNING if new_version else Outcome.SUCCESS,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            detail={
                 "instance_id": instance_id,
                 "version": plan.version,
                 "sha256": header.sha256,

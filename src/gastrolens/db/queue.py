@@ -71,9 +71,9 @@ def claim_instances(session: Session, worker: str, limit: int, lease_seconds: fl
         instance.lease_expires_at = now + timedelta(seconds=lease_seconds)
         instance.attempts += 1
         audit.record(session, audit.Event(
-            AuditEventType.INSTANCE_RECLAIMED if reclaimed else AuditEventType.INSTANCE_CLAIMED,
-            worker, Outcome.WARNING if reclaimed else Outcome.SUCCESS, study_uid, series_uid, instance.sop_instance_uid,
-            {"instance_id": instance.id, "attempt": instance.attempts,
+            type=AuditEventType.INSTANCE_RECLAIMED if reclaimed else AuditEventType.INSTANCE_CLAIMED,
+            actor=worker, outcome=Outcome.WARNING if reclaimed else Outcome.SUCCESS, study_uid=study_uid, series_uid=series_uid, sop_uid=instance.sop_instance_uid,
+            detail={"instance_id": instance.id, "attempt": instance.attempts,
              **({"previous_owner": previous_owner, "note": "lease expired"} if reclaimed else {})}))
         claimed.append(ClaimedInstance(instance.id, instance.sop_instance_uid, series_uid, study_uid,
                                        instance.study_id, instance.file_path, instance.attempts))

@@ -186,11 +186,11 @@ class Receiver:
         reason = getattr(event.assoc, "gastrolens_refusal", "pynetdicom rejected it (too many associations?)")
         log.warning("association rejected from %s: %s", _actor(event.assoc), reason)
         self._audit_safely(
-            audit.Event(AuditEventType.ASSOCIATION_REJECTED, _actor(event.assoc), Outcome.FAILURE, detail={"reason": reason})
+            audit.Event(type=AuditEventType.ASSOCIATION_REJECTED, actor=_actor(event.assoc), outcome=Outcome.FAILURE, detail={"reason": reason})
         )
 
     def _on_tls_failure(self, peer: str, exc: BaseException) -> None:
-        self._audit_safely(audit.Event(AuditEventType.ASSOCIATION_REJECTED, f"dicom:?@{peer}", Outcome.FAILURE,
+        self._audit_safely(audit.Event(type=AuditEventType.ASSOCIATION_REJECTED, actor=f"dicom:?@{peer}", outcome=Outcome.FAILURE,
                                        detail={"reason": f"TLS handshake failed: {exc}"}))
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -202,7 +202,7 @@ class Receiver:
         peer = event.assoc.requestor.address
         if not self.store.has_room():
             log.error("refusing C-STORE from %s: less than %d MB free", actor, self.store.min_free_bytes // 2**20)
-            self._audit_safely(audit.Event(AuditEventType.STORE_REFUSED, actor, Outcome.FAILURE,
+            self._audit_safely(audit.Event(type=AuditEventType.STORE_REFUSED, actor=actor, outcome=Outcome.FAILURE,
                                            sop_uid=_requested_uid(event), detail={"reason": "storage below min_free_mb"}))
             return STATUS_OUT_OF_RESOURCES
         data = event.encoded_dataset()
@@ -214,13 +214,13 @@ class Receiver:
             return self._persist(data, header, actor, calling_ae, peer)
         except (StorageError, DatabaseError) as exc:
             log.error("cannot store %s from %s: %s", header.sop_uid, actor, exc)
-            self._audit_safely(audit.Event(AuditEventType.STORE_REFUSED, actor, Outcome.FAILURE, header.study_uid,
-                                           header.series_uid, header.sop_uid, {"reason": str(exc)}))
+            self._audit_safely(audit.Event(type=AuditEventType.STORE_REFUSED, actor=actor, outcome=Outcome.FAILURE, study_uid=header.study_uid,
+                                           series_uid=header.series_uid, sop_uid=header.sop_uid, detail={"reason": str(exc)}))
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # a handler must answer; a bug here must not hang the peer
             log.exception("unexpected error storing %s from %s", header.sop_uid, actor)
-            self._audit_safely(audit.Event(AuditEventType.STORE_REFUSED, actor, Outcome.FAILURE, header.study_uid,
-                                           header.series_uid, header.sop_uid, {"reason": f"internal error: {exc!r}"}))
+            self._audit_safely(audit.Event(type=AuditEventType.STORE_REFUSED, actor=actor, outcome=Outcome.FAILURE, study_uid=header.study_uid,
+                                           series_uid=header.series_uid, sop_uid=header.sop_uid, detail={"reason": f"internal error: {exc!r}"}))
             return STATUS_OUT_OF_RESOURCES
 
     def _persist(self, data: bytes, header: InstanceHeader, actor: str, calling_ae: str, peer: str) -> int:
@@ -262,7 +262,7 @@ class Receiver:
                 session.add(Quarantined(file_path=relative, reason=exc.reason, status=exc.status, sop_instance_uid=sop_uid,
                                         sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
                                         calling_ae=calling_ae, peer_address=peer))
-                audit.record(session, audit.Event(AuditEventType.INSTANCE_QUARANTINED, actor, Outcome.FAILURE,
+                audit.record(session, audit.Event(type=AuditEventType.INSTANCE_QUARANTINED, actor=actor, outcome=Outcome.FAILURE,
                                                   sop_uid=sop_uid, detail={"reason": exc.reason, "path": relative,
                                                                            "status": f"0x{exc.status:04X}"}))
         except GastroLensError as err:

@@ -1,26 +1,22 @@
-"""Prometheus metrics: what the pipeline observes in-process, and what the database says at scrape time.
+"""Prometheus metrics that a process observes in itself: batches, failures, CPU per stage.
 
 The pipeline calls :func:`observe_batch` after each inference batch and
-:func:`observe_failure` for each image that failed; both only touch the module-level
-:data:`REGISTRY`, so this module imports neither FastAPI nor the database.
-Counts that several processes share (instances by state, queue depth, deliveries,
-quarantine, throughput) come from the database through :class:`DatabaseCollector`
-when ``/metrics`` is scraped, so every process reports the same, whole-system figures.
+:func:`observe_failure` for each image that failed; every stage outside the networks
+runs inside :func:`stage_cpu` (or reports work done in another process with
+:func:`add_stage_cpu`), so the CPU budget per image can be read from ``/metrics``.
+Everything here only touches the module-level :data:`REGISTRY`, so this module imports
+neither FastAPI nor the database; the whole-system counts read from the database at
+scrape time live in :mod:`gastrolens.api.scrape`.
 """
 
 from __future__ import annotations
 
-import logging
+import enum
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from gastrolens.db import Database
-from gastrolens.db.queries import status_counts
-from gastrolens.errors import DatabaseError
-
-log = logging.getLogger(__name__)
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """This process's own metrics (batch latency, images processed, failures)."""
@@ -53,68 +49,38 @@ def observe_failure(images: int = 1) -> None:
         IMAGES_FAILED.inc(images)
 
 
-class DatabaseCollector(Collector):
-    """Gauges read from the database at scrape time; ``gastrolens_database_up 0`` when it cannot be read."""
+class Stage(str, enum.Enum):
+    """The steps an image passes through; ``infer`` is the networks, every other one is overhead."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def describe(self) -> list[Metric]:
-        return []  # computed at scrape time; nothing to register up front
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("gastrolens_database_up", "1 when the database answered this scrape.")
-        try:
-            with self.db.session() as session:
-                counts = status_counts(session)
-        except DatabaseError as exc:
-            log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        instances = GaugeMetricFamily("gastrolens_instances", "Received instances by state.", labels=["state"])
-        for state, n in counts["instances"].items():
-            instances.add_metric([state], n)
-        yield instances
-        received = CounterMetricFamily("gastrolens_instances_received", "Instances ever received (all states).")
-        received.add_metric([], sum(counts["instances"].values()))
-        yield received
-        yield _gauge("gastrolens_queue_depth", "Instances waiting for or in processing.", counts["queue_depth"])
-        deliveries = GaugeMetricFamily("gastrolens_deliveries", "Deliveries of outputs by state.", labels=["state"])
-        for state, n in counts["outputs"].items():
-            deliveries.add_metric([state], n)
-        yield deliveries
-        quarantined = CounterMetricFamily("gastrolens_quarantined", "Received files kept in quarantine.")
-        quarantined.add_metric([], counts["quarantined"])
-        yield quarantined
-        yield _gauge("gastrolens_images_per_second", "Frames processed per second over the last 5 minutes, all processes.",
-                     round(counts["images_per_minute_last_5_min"] / 60.0, 4))
+    RECEIVE = "receive"
+    DECODE = "decode"
+    INFER = "infer"
+    OUTPUTS = "outputs"
+    RECORD = "record"
+    COMPLETE = "complete"
+    DELIVER = "deliver"
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    gauge = GaugeMetricFamily(name, documentation)
-    gauge.add_metric([], value)
-    return gauge
+STAGE_CPU_SECONDS = Counter(
+    "gastrolens_stage_cpu_seconds",
+    "CPU seconds (thread CPU time) this process spent per stage; worker processes' time is added when their result arrives.",
+    ["stage"],
+    registry=REGISTRY,
+)
 
 
-class _ProcessCollector(Collector):
-    """Re-exports :data:`REGISTRY` inside an app's registry."""
-
-    def collect(self) -> Iterator[Metric]:
-        yield from REGISTRY.collect()
-
-
-def app_registry(db: Database) -> CollectorRegistry:
-    """A registry with this process's metrics and the database's, for one app's ``/metrics``."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ProcessCollector())
-    registry.register(DatabaseCollector(db))
-    return registry
+@contextmanager
+def stage_cpu(stage: Stage) -> Iterator[None]:
+    """Count the calling thread's CPU time inside the block toward ``stage``."""
+    started = time.thread_time()
+    try:
+        yield
+    finally:
+        STAGE_CPU_SECONDS.labels(stage.value).inc(max(0.0, time.thread_time() - started))
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
-    """The Prometheus text format of ``registry``."""
-    return generate_latest(registry)
+def add_stage_cpu(stage: Stage, seconds: float) -> None:
+    """Count CPU time measured elsewhere (an output worker process) toward ``stage``."""
+    if seconds > 0:
+        STAGE_CPU_SECONDS.labels(stage.value).inc(seconds)
 

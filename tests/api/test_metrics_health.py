@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gastrolens import metrics
+from gastrolens.api import scrape
 from gastrolens.db import Database
 
 from .readside import VIEWER, Node, serving
@@ -57,8 +58,8 @@ def test_metrics_can_be_opened_to_the_scraper(sqlite_node: Node) -> None:
 
 
 def test_metrics_report_a_database_that_does_not_answer(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    registry = metrics.app_registry(Database(f"sqlite:///{tmp_path / 'missing' / 'nothing-migrated.db'}"))
-    found = families(metrics.exposition(registry).decode())
+    registry = scrape.app_registry(Database(f"sqlite:///{tmp_path / 'missing' / 'nothing-migrated.db'}"))
+    found = families(scrape.exposition(registry).decode())
     assert found["gastrolens_database_up"][("gastrolens_database_up", ())] == 0
     assert "gastrolens_batch_seconds" in found
 

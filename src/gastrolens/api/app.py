@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from gastrolens import __version__
 from gastrolens.api import dashboard, routes_data, routes_ops
 from gastrolens.api.context import ApiContext, ApiError, HealthProbe
-from gastrolens.metrics import app_registry
+from gastrolens.api.scrape import app_registry
 from gastrolens.config import Settings
 from gastrolens.db import Database
 from gastrolens.db.filters import explain_errors

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from gastrolens.api.auth import Role
 from gastrolens.api.context import ApiContext, authorize, context_of
-from gastrolens.metrics import exposition
+from gastrolens.api.scrape import exposition
 from gastrolens.api.routes_data import Credentials
 from gastrolens.errors import DatabaseError
 

@@ -101,6 +101,10 @@ class DicomSettings(_Section):
     """0 means unlimited."""
     accepted_sop_classes: tuple[str, ...] = DEFAULT_ACCEPTED_SOP_CLASSES
     network_timeout_seconds: float = Field(60.0, gt=0)
+    acse_timeout_seconds: float = Field(10.0, gt=0)
+    """How long a peer may take to complete association negotiation before it is dropped."""
+    receiver_processes: int | None = Field(None, ge=1, le=64)
+    """Processes serving the DICOM port; unset: one per CPU, at most 8."""
     tls: TLSSettings = TLSSettings()
 
     @field_validator("ae_title")
@@ -172,6 +176,9 @@ class ModelSettings(_Section):
     """0: torch's default."""
     fov_crop: bool = True
     """Crop to the endoscope's field of view before resizing."""
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
+    """Mixed precision on a GPU: auto picks bf16 where the device supports it natively, else fp16;
+    off serves in fp32. Ignored on the CPU."""
 
     @field_validator("device")
     @classmethod

@@ -178,6 +178,8 @@ def encode(ds: Dataset, transfer_syntax: str) -> Dataset:
     if not UID(transfer_syntax).is_compressed:
         ds.file_meta.TransferSyntaxUID = transfer_syntax  # applied when the file is saved
         return ds
+    if transfer_syntax in DCMCJPEG_OPTIONS:
+        return _dcmcjpeg(ds, transfer_syntax)
     if transfer_syntax == JPEG2000:
         ds.compress(transfer_syntax, j2k_cr=[15])  # lossy
         ds.LossyImageCompression = "01"
@@ -206,6 +208,40 @@ def encode(ds: Dataset, transfer_syntax: str) -> Dataset:
     ds.LossyImageCompressionRatio = "10"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
+DCMCJPEG = "/usr/bin/dcmcjpeg"
+DCMCJPEG_OPTIONS = {
+    "1.2.840.10008.1.2.4.57": "+el",  # JPEG Lossless, process 14, any predictor (DCMTK picks 1)
+    "1.2.840.10008.1.2.4.70": "+e1",  # JPEG Lossless, process 14, selection value 1
+}
+
+
+def _dcmcjpeg(ds: Dataset, transfer_syntax: str) -> Dataset:
+    """JPEG Lossless (process 14) by DCMTK: pydicom and pylibjpeg only decode it."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+    from pydicom import dcmread
+
+    if shutil.which(DCMCJPEG) is None:
+        pytest.skip("dcmcjpeg (DCMTK) is not installed")
+    with tempfile.TemporaryDirectory() as folder:
+        plain, packed = Path(folder) / "plain.dcm", Path(folder) / "packed.dcm"
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(plain, enforce_file_format=True)
+        subprocess.run(
+            [DCMCJPEG, DCMCJPEG_OPTIONS[transfer_syntax], plain, packed], check=True, capture_output=True, timeout=60
+        )
+        encoded = dcmread(packed)
+    assert encoded.file_meta.TransferSyntaxUID == transfer_syntax
+    ds.clear()
+    ds.update(encoded)
+    ds.file_meta = encoded.file_meta
     return ds
 
 

@@ -15,6 +15,8 @@ from pydicom.uid import (
     JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
 )
@@ -144,6 +146,8 @@ LOSSY = (JPEGBaseline8Bit, JPEG2000)
         JPEG2000Lossless,
         JPEG2000,
         RLELossless,
+        JPEGLossless,
+        JPEGLosslessSV1,
     ],
     ids=lambda uid: uid.keyword,
 )

@@ -3,7 +3,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.pixels import convert_color_space
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from gastrolens.dicom_io.documents.read import decode_rgb_frames
 from gastrolens.errors import DecodeError
@@ -53,10 +60,20 @@ def test_ybr_full_is_converted_to_rgb(frame):
     assert np.abs(decode_rgb_frames(ds)[0].astype(int) - frame).max() <= 2
 
 
-@pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless, RLELossless])
+@pytest.mark.parametrize(
+    "syntax", [JPEGLSLossless, JPEG2000Lossless, RLELossless, JPEGLossless, JPEGLosslessSV1], ids=lambda uid: uid.keyword
+)
 def test_lossless_transfer_syntaxes_are_exact(frame, syntax):
     ds = encode(make_source([frame]), syntax)
     np.testing.assert_array_equal(decode_rgb_frames(ds)[0], frame)
+
+
+@pytest.mark.parametrize("syntax", [JPEGLossless, JPEGLosslessSV1], ids=lambda uid: uid.keyword)
+def test_jpeg_lossless_process_14_multi_frame_is_exact(frame, syntax):
+    frames = [frame, frame[::-1].copy()]
+    ds = encode(make_source(frames, sop_class=MULTIFRAME_TRUE_COLOR_SC), syntax)
+    for got, want in zip(decode_rgb_frames(ds), frames):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_jpeg_baseline_ybr_422_comes_back_as_rgb(frame):

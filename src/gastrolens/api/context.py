@@ -1,8 +1,9 @@
 """What every request handler shares: settings, database, tokens, and the audited read.
 
-Every read of data goes through :meth:`ApiContext.read`, which runs the query and
-appends its QUERY audit event (actor ``api:<token name>``, path, filter, rows) in the
-same transaction, so a read that was answered is a read that was recorded.
+Every read of data goes through :meth:`ApiContext.read`, which runs the query in a
+read-only session (it never holds the write lock, so a slow query cannot stall a
+C-STORE) and then appends its QUERY audit event (actor ``api:<token name>``, path,
+filter, rows) before answering, so a read that was answered is a read that was recorded.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ class ApiContext:
     def read(self, principal: Principal, request: Request, query: Callable[[Session], T], *,
              rows: Callable[[T], int], criteria: Mapping[str, Any] | None = None,
              study_uid: str | None = None, sop_uid: str | None = None) -> T:
-        """Run ``query`` and audit it in one transaction; ``rows(result)`` counts what was returned."""
-        with self.db.session() as session:
+        """Run ``query`` in a read session, then audit it; ``rows(result)`` counts what was returned."""
+        with self.db.read_session() as session:
             result = query(session)
             count = rows(result)
+        with self.db.session() as session:
             audit.record(session, audit.Event(
                 type=AuditEventType.QUERY, actor=principal.actor, outcome=Outcome.SUCCESS, study_uid=study_uid, sop_uid=sop_uid,
                 detail={"path": request.url.path, "filter": dict(criteria or {}), "rows": count},

@@ -64,7 +64,7 @@ def metrics(request: Request, credentials: Credentials) -> Response:
 
 def _database(ctx: ApiContext) -> Component:
     try:
-        with ctx.db.session() as session:
+        with ctx.db.read_session() as session:
             session.execute(text("SELECT 1"))
     except DatabaseError as exc:
         log.warning("health: database unavailable: %s", exc)

@@ -34,7 +34,7 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("gastrolens_database_up", "1 when the database answered this scrape.")
         try:
-            with self.db.session() as session:
+            with self.db.read_session() as session:
                 counts = status_counts(session)
         except DatabaseError as exc:
             log.warning("metrics: database unavailable: %s", exc.__class__.__name__)

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     db = Database(settings_from(args).database.url)
     db.upgrade()
-    with db.session() as session:
+    with db.read_session() as session:
         report = audit.verify_chain(session)
     if not report.intact:
         print(f"audit chain BROKEN at row id {report.first_broken_id}: {report.reason} ({report.rows} rows checked)")

@@ -53,11 +53,11 @@ def run_export(args: argparse.Namespace) -> int:
     actor = cli_actor()
     db = Database(settings_from(args).database.url)
     db.upgrade()
-    with db.session() as session:
+    with db.read_session() as session:
         chain = audit.verify_chain(session)
     chain_state = {"intact": chain.intact, "rows": chain.rows, "first_broken_id": chain.first_broken_id,
                    "reason": chain.reason}
-    with _opened(args.output) as out, db.session() as session:
+    with _opened(args.output) as out, db.read_session() as session:
         events = iter_events(session, flt)
         if args.format == "csv":
             count = write_csv(out, events)

@@ -41,7 +41,7 @@ def run_list(args: argparse.Namespace) -> int:
             .order_by(Delivery.updated_at.desc(), Delivery.id.desc()).limit(max(1, args.limit)))
     if args.state:
         stmt = stmt.where(Delivery.state == DeliveryState(args.state))
-    with _database(args).session() as session:
+    with _database(args).read_session() as session:
         rows = [
             {"id": d.id, "destination": d.destination, "state": d.state.value, "attempts": d.attempts,
              "last_status": None if d.last_status is None or d.last_status < 0 else f"0x{d.last_status:04X}",

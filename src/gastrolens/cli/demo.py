@@ -98,13 +98,13 @@ def _send(files: list[Path], host: str, port: int, called_ae: str) -> None:
 
 
 def _all_finished(db: Database, study_uid: str, count: int) -> bool:
-    with db.session() as session:
+    with db.read_session() as session:
         states = session.scalars(select(Instance.state).join(Study).where(Study.study_instance_uid == study_uid)).all()
     return len(states) >= count and all(s in (InstanceState.DONE, InstanceState.FAILED) for s in states)
 
 
 def _print_findings(db: Database, study_uid: str, root: Path) -> None:
-    with db.session() as session:
+    with db.read_session() as session:
         rows = session.execute(
             select(Instance, Result).join(Study).outerjoin(Result, Result.instance_id == Instance.id)
             .where(Study.study_instance_uid == study_uid).order_by(Instance.id)
@@ -126,7 +126,7 @@ def _print_findings(db: Database, study_uid: str, root: Path) -> None:
 
 
 def _study_conclusion(db: Database, study_uid: str) -> tuple[str, str] | None:
-    with db.session() as session:
+    with db.read_session() as session:
         row = session.execute(
             select(Study.conclusion, Output.file_path).join(Output, Output.study_id == Study.id)
             .where(Study.study_instance_uid == study_uid, Output.kind == OutputKind.STUDY_SR)

@@ -70,8 +70,9 @@ def run_list(args: argparse.Namespace) -> int:
         return _invalid(explain(exc))
     db = Database(settings_from(args).database.url)
     db.upgrade()
-    with db.session() as session:
+    with db.read_session() as session:
         page = list_studies(session, query)
+    with db.session() as session:
         audit.record(session, audit.Event(type=AuditEventType.QUERY, actor=cli_actor(), detail={
             "command": "results", "filter": query.described(), "rows": len(page.items)}))
     if args.format == "json":
@@ -96,8 +97,9 @@ def run_show(args: argparse.Namespace) -> int:
     assert uid is not None
     db = Database(settings_from(args).database.url)
     db.upgrade()
-    with db.session() as session:
+    with db.read_session() as session:
         study = get_study(session, uid)
+    with db.session() as session:
         audit.record(session, audit.Event(type=AuditEventType.QUERY, actor=cli_actor(), study_uid=uid, detail={
             "command": "results show", "filter": {"study_uid": uid},
             "rows": 0 if study is None else 1 + len(study.instances)}))

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     db = Database(settings_from(args).database.url)
     db.upgrade()
-    with db.session() as session:
+    with db.read_session() as session:
         counts = status_counts(session)
     if args.json:
         print(json.dumps(counts, indent=2))

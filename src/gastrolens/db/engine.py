@@ -1,8 +1,15 @@
 """Connecting to the database: engines, sessions and migrations.
 
-SQLite (the embedded default) runs in WAL mode and starts every transaction with
-``BEGIN IMMEDIATE``, so writers queue on the database lock instead of failing half
-way; PostgreSQL uses its own row locks (``FOR UPDATE SKIP LOCKED`` in the queue).
+There are two kinds of session. :meth:`Database.session` is for work that writes:
+on SQLite (the embedded default, in WAL mode) it starts with ``BEGIN IMMEDIATE``, so
+writers queue on the database lock instead of failing half way. :meth:`Database.read_session`
+is for work that only reads (status, results, audit verification, the API's queries):
+a deferred transaction that takes no write lock, so WAL lets it run beside the writer
+however long it lasts (a read that held the write lock would make every C-STORE wait
+and, past the busy timeout, fail). Read sessions are read-only on both databases
+(``PRAGMA query_only`` on SQLite, a READ ONLY transaction on PostgreSQL), so a write
+slipped into a read path fails at once instead of reintroducing the lock.
+PostgreSQL uses its own row locks (``FOR UPDATE SKIP LOCKED`` in the queue).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -34,12 +42,16 @@ def make_engine(url: str) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _sqlite_immediate_transactions(engine)
+        _sqlite_transactions(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
 
 
-def _sqlite_immediate_transactions(engine: Engine) -> None:
+_READ_ONLY = "gastrolens_read_only"
+"""Execution option of the connections of read sessions (see :meth:`Database.read_session`)."""
+
+
+def _sqlite_transactions(engine: Engine) -> None:
     # The pysqlite recipe from SQLAlchemy's docs: let SQLAlchemy, not the driver, emit BEGIN.
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -53,11 +65,17 @@ def _sqlite_immediate_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(_READ_ONLY):
+            conn.exec_driver_sql("PRAGMA query_only=ON")
+            conn.exec_driver_sql("BEGIN DEFERRED")
+        else:
+            conn.exec_driver_sql("PRAGMA query_only=OFF")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def is_postgresql(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"
+def on_postgresql(session: Session) -> bool:
+    """Whether ``session`` talks to PostgreSQL (else SQLite): the one dialect test of the package."""
+    return session.get_bind().dialect.name == "postgresql"
 
 
 class Database:
@@ -67,14 +85,34 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        read_options: dict[str, Any] = {_READ_ONLY: True}
+        if self.engine.dialect.name == "postgresql":
+            read_options["postgresql_readonly"] = True
+        self._read_sessions = sessionmaker(self.engine.execution_options(**read_options), expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on error.
+        """A session in one writing transaction: committed on success, rolled back on error.
 
+        On SQLite it holds the write lock from its first statement to its end: keep it short.
         Database failures surface as :class:`DatabaseError`.
         """
-        session = self._sessions()
+        with self._transaction(self._sessions) as session:
+            yield session
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session in one read-only transaction that never blocks writers, however long it is held.
+
+        Writing in it raises :class:`DatabaseError`;
+        a read that must be audited records its event afterwards, in a :meth:`session`.
+        """
+        with self._transaction(self._read_sessions) as session:
+            yield session
+
+    @contextmanager
+    def _transaction(self, factory: sessionmaker[Session]) -> Iterator[Session]:
+        session = factory()
         try:
             with session.begin():
                 yield session

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from gastrolens.cli import audit_export
-from gastrolens.cli.common import add_config_option, cli_actor, settings_from
-from gastrolens.db import Database, audit
+from gastrolens.cli.common import add_config_option, cli_actor, open_database, settings_from
+from gastrolens.db import audit
 from gastrolens.db.states import AuditEventType, Outcome
 
 
@@ -20,8 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    db = Database(settings_from(args).database.url)
-    db.upgrade()
+    db = open_database(settings_from(args))
     with db.read_session() as session:
         report = audit.verify_chain(session)
     if not report.intact:

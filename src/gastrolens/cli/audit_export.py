@@ -17,8 +17,8 @@ from typing import IO
 
 from pydantic import ValidationError
 
-from gastrolens.cli.common import add_config_option, cli_actor, settings_from
-from gastrolens.db import Database, audit
+from gastrolens.cli.common import add_config_option, cli_actor, open_database, settings_from
+from gastrolens.db import audit
 from gastrolens.db.audit_export import now_text, read_rows, write_csv, write_json
 from gastrolens.db.filters import AuditFilter, explain
 from gastrolens.db.queries_audit import iter_events, verify_rows
@@ -51,8 +51,7 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"gastrolens: error: --{p['field'].split('.')[0].replace('_', '-')}: {p['message']}", file=sys.stderr)
         return 2
     actor = cli_actor()
-    db = Database(settings_from(args).database.url)
-    db.upgrade()
+    db = open_database(settings_from(args))
     with db.read_session() as session:
         chain = audit.verify_chain(session)
     chain_state = {"intact": chain.intact, "rows": chain.rows, "first_broken_id": chain.first_broken_id,

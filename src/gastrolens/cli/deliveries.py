@@ -7,7 +7,7 @@ import json
 
 from sqlalchemy import select
 
-from gastrolens.cli.common import add_config_option, cli_actor, settings_from
+from gastrolens.cli.common import add_config_option, cli_actor, open_database, settings_from
 from gastrolens.daemon.delivery import requeue
 from gastrolens.db import Database
 from gastrolens.db.states import DeliveryState
@@ -31,9 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _database(args: argparse.Namespace) -> Database:
-    db = Database(settings_from(args).database.url)
-    db.upgrade()
-    return db
+    return open_database(settings_from(args))
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gastrolens.cli.common import add_config_option, cli_actor, settings_from
-from gastrolens.db import Database, audit
+from gastrolens.cli.common import add_config_option, cli_actor, open_database, settings_from
+from gastrolens.db import audit
 from gastrolens.db.filters import DEFAULT_LIMIT, MAX_LIMIT, StudyFilter, StudyQuery, StudyState, explain
 from gastrolens.db.queries_studies import get_study, list_studies
 from gastrolens.db.states import AuditEventType
@@ -68,8 +68,7 @@ def run_list(args: argparse.Namespace) -> int:
         query = StudyQuery.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         return _invalid(explain(exc))
-    db = Database(settings_from(args).database.url)
-    db.upgrade()
+    db = open_database(settings_from(args))
     with db.read_session() as session:
         page = list_studies(session, query)
     with db.session() as session:
@@ -95,8 +94,7 @@ def run_show(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         return _invalid(explain(exc))
     assert uid is not None
-    db = Database(settings_from(args).database.url)
-    db.upgrade()
+    db = open_database(settings_from(args))
     with db.read_session() as session:
         study = get_study(session, uid)
     with db.session() as session:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gastrolens.cli.common import add_config_option, settings_from
-from gastrolens.db import Database
+from gastrolens.cli.common import add_config_option, open_database, settings_from
 from gastrolens.db.queries import status_counts
 
 
@@ -18,8 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    db = Database(settings_from(args).database.url)
-    db.upgrade()
+    db = open_database(settings_from(args))
     with db.read_session() as session:
         counts = status_counts(session)
     if args.json:

@@ -22,6 +22,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -73,6 +75,10 @@ def _sqlite_transactions(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class SchemaNotCurrent(DatabaseError):
+    """The database's schema is not the one this version of GastroLens reads (missing, older or newer)."""
+
+
 def on_postgresql(session: Session) -> bool:
     """Whether ``session`` talks to PostgreSQL (else SQLite): the one dialect test of the package."""
     return session.get_bind().dialect.name == "postgresql"
@@ -88,7 +94,8 @@ class Database:
         read_options: dict[str, Any] = {_READ_ONLY: True}
         if self.engine.dialect.name == "postgresql":
             read_options["postgresql_readonly"] = True
-        self._read_sessions = sessionmaker(self.engine.execution_options(**read_options), expire_on_commit=False)
+        self._read_engine = self.engine.execution_options(**read_options)
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -124,6 +131,31 @@ class Database:
     def upgrade(self) -> None:
         """Apply every pending Alembic migration."""
         upgrade(self.engine)
+
+    def require_current_schema(self) -> None:
+        """Raise :class:`SchemaNotCurrent` unless the schema is the latest one; changes nothing.
+
+        Commands that only read (and operator commands that change rows, not the schema)
+        call this instead of :meth:`upgrade`: only ``serve`` and ``db upgrade`` migrate, so a
+        schema change happens when an operator means it to, never as a side effect of a look.
+        """
+        script = ScriptDirectory.from_config(alembic_config(self.engine))
+        head = script.get_current_head()
+        try:
+            with self._read_engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+        if current == head:
+            return
+        if current is None:
+            raise SchemaNotCurrent("the database has no GastroLens schema yet: run `gastrolens db upgrade`")
+        known = {rev.revision for rev in script.walk_revisions()}
+        if current not in known:
+            raise SchemaNotCurrent(f"the database schema ({current}) is newer than this version of GastroLens "
+                                   f"knows ({head}): use the GastroLens version that upgraded it")
+        raise SchemaNotCurrent(f"the database schema is older ({current}) than this version of GastroLens "
+                               f"reads ({head}): run `gastrolens db upgrade`")
 
     def dispose(self) -> None:
         self.engine.dispose()

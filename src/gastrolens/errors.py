@@ -10,6 +10,7 @@
      ├── AuditChainError        the audit hash chain is broken
      ├── ModelError             networks, model packages, inference input
      │    └── ModelPackageError a package is missing, tampered or does not match
+     ├── DeviceError            the accelerator is in a failed state: restart the engine, not per image
      ├── OutputError            a SEG / SR / overlay could not be written
      ├── DecodeError            a stored instance's pixel data could not be decoded
      ├── DeliveryError          a destination refused or could not be reached
@@ -61,6 +62,14 @@ class AuditChainError(GastroLensError):
 
 class ModelError(GastroLensError):
     """Networks, model packages or inference input are wrong."""
+
+
+class DeviceError(GastroLensError):
+    """The accelerator failed in a way that sticks (a CUDA error poisons the context).
+
+    Not a :class:`ModelError`: no image is at fault, so none may be failed for it. The
+    worker stops claiming, hands its claims back and starts a fresh engine.
+    """
 
 
 class ModelPackageError(ModelError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,10 +14,10 @@ import torch
 
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.config.schema import ModelSettings
-from gastrolens.errors import ModelError, ModelPackageError
+from gastrolens.errors import DeviceError, ModelError, ModelPackageError
 from gastrolens.findings import CLASS_ORDER, LesionClass
 from gastrolens.models.decision import DecisionRule
-from gastrolens.models.engine import Engine, resolve_device
+from gastrolens.models.engine import Engine, forward_in_halves, is_sticky_device_error, resolve_device
 from gastrolens.models.package import ModelPackage, save_package
 from gastrolens.models.preprocess import detect_fov
 
@@ -163,3 +164,81 @@ def test_from_settings_with_a_package(tiny_package: ModelPackage, tmp_path: Path
         assert len(engine.infer(_images([(64, 64)] * 3))) == 3
     with pytest.raises(ModelPackageError, match="does not exist"):
         Engine.from_settings(ModelSettings(package=tmp_path / "nowhere", device="cpu"))
+
+
+def test_padded_chunks_give_the_same_bits_however_images_are_batched(tiny_package: ModelPackage) -> None:
+    images = _images([(64, 80), (90, 70), (100, 100), (64, 64), (80, 120)], seed=4)
+    with Engine(copy.deepcopy(tiny_package), device="cpu", batch_size=4, pad_batches=True) as engine:
+        together = engine.infer(images)
+        alone = [engine.infer([image])[0] for image in images]
+        tail = engine.infer(images[3:])
+    for a, b in zip(together, alone, strict=True):
+        assert a.probabilities == b.probabilities and np.array_equal(a.mask, b.mask)
+    assert [f.probabilities for f in tail] == [f.probabilities for f in together[3:]]
+
+
+def test_the_engine_asks_cudnn_for_deterministic_kernels(tiny_package: ModelPackage) -> None:
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = False
+    with Engine(tiny_package, device="cpu") as engine:
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert not engine.pad_batches  # padding costs compute on the CPU and changes nothing there
+        assert engine.host_copies == 0
+
+
+def _raise_from(module: torch.nn.Module, error: BaseException) -> None:
+    def hook(*_: object) -> None:
+        raise error
+
+    module.register_forward_pre_hook(hook)
+
+
+def test_a_sticky_device_error_is_a_device_error_not_a_model_error(tiny_package: ModelPackage) -> None:
+    with Engine(tiny_package, device="cpu") as engine:
+        _raise_from(tiny_package.segmenter, RuntimeError("CUDA error: an illegal memory access was encountered"))
+        with pytest.raises(DeviceError, match="must be restarted") as caught:
+            engine.infer(_images([(64, 64)]))
+        assert not isinstance(caught.value, ModelError)
+
+
+def test_other_runtime_errors_stay_model_errors(tiny_package: ModelPackage) -> None:
+    with Engine(tiny_package, device="cpu") as engine:
+        _raise_from(tiny_package.classifier, RuntimeError("shape mismatch"))
+        with pytest.raises(ModelError, match="inference failed on a batch of 1 images: shape mismatch"):
+            engine.infer(_images([(64, 64)]))
+
+
+@pytest.mark.parametrize(
+    ("error", "sticky"),
+    [
+        (RuntimeError("CUDA error: device-side assert triggered"), True),
+        (RuntimeError("CUDA error: unspecified launch failure"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), True),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+        (RuntimeError("Expected all tensors to be on the same device"), False),
+        (ValueError("CUDA error: in a ValueError"), False),
+    ],
+)
+def test_sticky_device_errors_are_recognised(error: BaseException, sticky: bool) -> None:
+    assert is_sticky_device_error(error) is sticky
+
+
+def test_out_of_memory_retries_in_halves_after_the_except_block() -> None:
+    calls: list[tuple[int, bool]] = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], sys.exc_info()[0] is not None))
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return x * 2
+
+    x = torch.arange(8.0).reshape(8, 1)
+    assert torch.equal(forward_in_halves(run, x), x * 2)
+    assert [size for size, _ in calls] == [8, 4, 2, 2, 4, 2, 2]
+    assert not any(inside for _, inside in calls)  # no retry ran while an exception was being handled
+
+    def never(x: torch.Tensor) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        forward_in_halves(never, x)

@@ -56,15 +56,30 @@ class Decision:
     bbox: tuple[int, int, int, int] | None
 
 
-def decide(probabilities: Sequence[float], mask: np.ndarray, rule: DecisionRule) -> Decision:
-    """Apply ``rule`` to one frame's class probabilities and full-resolution boolean mask."""
+def decide(
+    probabilities: Sequence[float],
+    mask: np.ndarray,
+    rule: DecisionRule,
+    *,
+    measured: tuple[int, tuple[int, int, int, int] | None] | None = None,
+) -> Decision:
+    """Apply ``rule`` to one frame's class probabilities and full-resolution boolean mask.
+
+    ``measured`` is the mask's pixel count and bounding box when already known (the
+    engine measures masks on its device); otherwise they are computed here.
+    """
     if len(probabilities) != len(CLASS_ORDER):
         raise ValueError(f"expected {len(CLASS_ORDER)} probabilities, got {len(probabilities)}")
+    if measured is None:
+        pixels = int(np.count_nonzero(mask))
+        box = bounding_box(mask) if pixels else None
+    else:
+        pixels, box = measured
     p_lesion = 1.0 - float(probabilities[CLASS_ORDER.index(LesionClass.NORMAL)])
     classifier_says = p_lesion >= rule.lesion_threshold
-    if area_fraction(mask) < rule.min_area_fraction:
-        mask = np.zeros_like(mask)
-    mask_says = bool(mask.any())
+    if (pixels / mask.size if mask.size else 0.0) < rule.min_area_fraction:
+        mask, pixels, box = np.zeros_like(mask), 0, None
+    mask_says = pixels > 0
     if rule.combine == "classifier":
         present = classifier_says
     elif rule.combine == "both":
@@ -72,9 +87,9 @@ def decide(probabilities: Sequence[float], mask: np.ndarray, rule: DecisionRule)
     else:
         present = classifier_says or mask_says
     if rule.mask_only_when_present and not present and mask_says:
-        mask = np.zeros_like(mask)
+        mask, pixels, box = np.zeros_like(mask), 0, None
     predicted = _most_probable_lesion(probabilities) if present else LesionClass.NORMAL
-    return Decision(predicted, present, mask, area_fraction(mask), bounding_box(mask))
+    return Decision(predicted, present, mask, pixels / mask.size if mask.size else 0.0, box)
 
 
 def _most_probable_lesion(probabilities: Sequence[float]) -> LesionClass:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import zlib
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
+from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from sqlalchemy import func, select
 
 from gastrolens.db.states import AuditEventType
-from gastrolens.db.tables import AuditEvent, Instance, Quarantined
+from gastrolens.db.tables import AuditEvent, Instance, Quarantined, Study
 from gastrolens.findings import LesionClass
 from gastrolens.samples import SECONDARY_CAPTURE, as_dicom, endoscopy_frame
 
@@ -28,7 +33,8 @@ def send_files_undecoded(monkeypatch):
 
 def send_file(port: int, path: Path) -> int:
     ae = AE(ae_title="ENDO_WS1")
-    ae.add_requested_context(SC, ["1.2.840.10008.1.2.1"])
+    syntax = str(read_file_meta_info(path).TransferSyntaxUID)
+    ae.add_requested_context(SC, [syntax])
     assoc = ae.associate("127.0.0.1", port, ae_title="GASTROLENS")
     assert assoc.is_established
     try:
@@ -38,9 +44,9 @@ def send_file(port: int, path: Path) -> int:
         assoc.release()
 
 
-def sc_dataset() -> Dataset:
+def sc_dataset(study_uid: str | None = None) -> Dataset:
     frame, _ = endoscopy_frame(32, 40, LesionClass.PU)
-    return as_dicom(frame, sop_class=SECONDARY_CAPTURE)
+    return as_dicom(frame, sop_class=SECONDARY_CAPTURE, study_uid=study_uid)
 
 
 def save(ds: Dataset, path: Path) -> Path:
@@ -83,7 +89,109 @@ def sop_class_mismatch(tmp: Path) -> Path:
     return path
 
 
+def encoded(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def patched(old: bytes, new: bytes):
+    """A valid file with its first ``old`` bytes (after the file meta) replaced by ``new``.
+
+    The Study Instance UID is 10 bytes long: read as FD (8 bytes a value) it cannot parse.
+    """
+    def make(tmp: Path) -> Path:
+        data = encoded(sc_dataset(study_uid="1.2.3.4.5"))
+        at = data.index(old, 132 + 200)
+        path = tmp / "in.dcm"
+        path.write_bytes(data[:at] + new + data[at + len(old):])
+        return path
+
+    return make
+
+
+STUDY_UID_TAG = b"\x20\x00\x0d\x00"
+
+
+def geometry(**attributes: object):
+    def make(tmp: Path) -> Path:
+        ds = sc_dataset()
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        return save(ds, tmp / "in.dcm")
+
+    return make
+
+
+def encapsulated_frames(frames: int):
+    def make(tmp: Path) -> Path:
+        frame, _ = endoscopy_frame(32, 40, LesionClass.PU)
+        ds = as_dicom(frame, sop_class=SECONDARY_CAPTURE, jpeg_quality=90)
+        ds.NumberOfFrames = frames
+        return save(ds, tmp / "in.dcm")
+
+    return make
+
+
+def deflate_bomb(tmp: Path) -> Path:
+    """A deflated data set whose 64 MiB of zeros travel as about 64 KiB."""
+    ds = sc_dataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = encoded(ds)
+    meta_end = 132 + 12 + int.from_bytes(head[140:144], "little")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = compressor.compress(b"\0" * (64 * 2**20 + 8)) + compressor.flush()
+    path = tmp / "in.dcm"
+    path.write_bytes(head[:meta_end] + body)
+    return path
+
+
+def many_items(tmp: Path) -> Path:
+    ds = sc_dataset()
+    ds.ReferencedImageSequence = Sequence([Dataset() for _ in range(100_001)])
+    return save(ds, tmp / "in.dcm")
+
+
+def deep_nesting(tmp: Path) -> Path:
+    ds = sc_dataset()
+    inner = Dataset()
+    ds.ReferencedImageSequence = Sequence([inner])
+    for _ in range(40):
+        nested = Dataset()
+        inner.ReferencedImageSequence = Sequence([nested])
+        inner = nested
+    return save(ds, tmp / "in.dcm")
+
+
+def zeros(tmp: Path) -> Path:
+    """Millions of empty elements: pydicom would build an object for each."""
+    head = encoded(sc_dataset())
+    meta_end = 132 + 12 + int.from_bytes(head[140:144], "little")
+    path = tmp / "in.dcm"
+    path.write_bytes(head[:meta_end] + b"\0" * 64 * 2**20)
+    return path
+
+
+def truncated(tmp: Path) -> Path:
+    data = encoded(sc_dataset())
+    path = tmp / "in.dcm"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
 CASES = {
+    "Study Instance UID with VR FD": (patched(STUDY_UID_TAG + b"UI", STUDY_UID_TAG + b"FD"), 0xC000, "does not parse"),
+    "header byte flipped into an unknown VR": (patched(STUDY_UID_TAG + b"UI", STUDY_UID_TAG + b"U\x01"), 0xC000, "does not parse"),
+    "65535 x 65535 native": (geometry(Rows=65535, Columns=65535), 0xA900, "image geometry"),
+    "2**31-1 native frames": (geometry(NumberOfFrames=2**31 - 1), 0xA900, "image geometry"),
+    "2**31-1 encapsulated frames": (encapsulated_frames(2**31 - 1), 0xA900, "image geometry"),
+    "more frames than the offset table": (encapsulated_frames(3), 0xA900, "Basic Offset Table lists 1"),
+    "Pixel Data shorter than Rows x Columns": (geometry(Rows=64), 0xA900, "need 7680 bytes of Pixel Data"),
+    "truncated in the Pixel Data": (truncated, 0xC000, "truncated"),
+    "deflate bomb": (deflate_bomb, 0xA900, "inflates to more than"),
+    "100001 sequence items": (many_items, 0xA900, "sequence items"),
+    "64 MiB of zero bytes": (zeros, 0xA900, "sequence items"),
+    "sequences nested 41 deep": (deep_nesting, 0xA900, "nested more than"),
     "no StudyInstanceUID": (without("StudyInstanceUID"), 0xA900, "missing StudyInstanceUID"),
     "no SeriesInstanceUID": (without("SeriesInstanceUID"), 0xA900, "missing SeriesInstanceUID"),
     "no Pixel Data": (without("PixelData"), 0xA900, "no Pixel Data"),
@@ -128,3 +236,18 @@ def test_database_that_cannot_commit_answers_out_of_resources(make_receiver, sam
     assert send_file(running.port, sample_files["sc_rgb"]) == 0xA700
     leftovers = [p for p in running.store.root.rglob("*") if p.is_file()]
     assert leftovers == [], "no partial file may stay behind"
+
+
+def test_hostile_header_strings_are_stored_clipped(receiver, tmp_path):
+    """Values wider than their VR or holding NUL would fail the commit (PostgreSQL) and so the peer forever."""
+    ds = sc_dataset()
+    ds.PatientID = "P\x00" + "9" * 200
+    ds.StudyDate = "20250101T120000"
+    ds.AccessionNumber = "A" * 40
+    ds.SeriesNumber = str(2**40)
+    assert send_file(receiver.port, save(ds, tmp_path / "in.dcm")) == 0x0000
+    with receiver.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 1
+        study = s.scalars(select(Study)).one()
+        assert study.patient_id == "P" + "9" * 63
+        assert len(study.study_date or "") <= 8

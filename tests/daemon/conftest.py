@@ -8,12 +8,13 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from gastrolens.config import Settings
 from gastrolens.db import Database
-from gastrolens.db.instances import plan_version, record_instance
-from gastrolens.dicom_io.net.inspect import inspect_instance
+from gastrolens.daemon.ingest import DatabaseIngest
+from gastrolens.dicom_io.net.received import IngestResult, ReceivedInstance
 from gastrolens.storage.store import Store
 from gastrolens.findings import LesionClass
 from gastrolens.models import Engine, untrained_package
@@ -36,19 +37,20 @@ class Stage:
 
     def receive(self, study_uid: str, lesion: LesionClass | None = LesionClass.PU, seed: int = 0,
                 data: bytes | None = None) -> str:
-        """Store one synthetic instance as the receiver would; returns its SOP Instance UID."""
+        """Store one synthetic instance through the receiver's own ingest; returns its SOP Instance UID."""
         if data is None:
             frame, _ = endoscopy_frame(60, 80, lesion, seed=seed)
             buffer = BytesIO()
             as_dicom(frame, study_uid=study_uid, jpeg_quality=90).save_as(buffer, enforce_file_format=True)
             data = buffer.getvalue()
-        header = inspect_instance(data)
-        with self.db.session() as session:
-            plan = plan_version(session, header)
-            relative = self.store.instance_path(header.study_uid, header.series_uid, header.sop_uid, plan.version)
-            self.store.write(relative, data)
-            record_instance(session, header, plan, relative, calling_ae="TEST", peer_address="127.0.0.1", actor="test")
-        return header.sop_uid
+        ingest = DatabaseIngest(self.store, self.db, writers=1)
+        try:
+            outcome = ingest.ingest(ReceivedInstance(data=data, actor="test", calling_ae="TEST", peer_address="127.0.0.1",
+                                                     negotiated_sop_class=None, requested_sop_uid=None))
+        finally:
+            ingest.close()
+        assert outcome.result in (IngestResult.STORED, IngestResult.DUPLICATE), outcome
+        return str(dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from gastrolens.api.server import ApiServer
 from gastrolens.config import Settings
 from gastrolens.daemon.completion import StudyCompletion
 from gastrolens.daemon.delivery import DeliveryStep
+from gastrolens.daemon.ingest import DatabaseIngest
 from gastrolens.daemon.pipeline import InferenceStep
 from gastrolens.daemon.retention import RetentionStep
 from gastrolens.daemon.scheduler import RETENTION_INTERVAL_SECONDS, Scheduler
@@ -43,7 +44,9 @@ class Service:
         self.worker = service_actor()
         self.db = Database(settings.database.url)
         self.store = Store(settings.storage.root, fsync=settings.storage.fsync, min_free_mb=settings.storage.min_free_mb)
-        self.receiver = Receiver(settings.dicom, self.store, self.db, on_stored=self._count_stored)
+        self.ingest = DatabaseIngest(self.store, self.db, writers=settings.dicom.max_associations,
+                                     on_stored=self._count_stored)
+        self.receiver = Receiver(settings.dicom, self.ingest)
         self.scheduler = Scheduler()
         self.engine: Engine | None = None
         self.inference: InferenceStep | None = None
@@ -85,6 +88,7 @@ class Service:
 
     def stop(self) -> None:
         self.receiver.stop()
+        self.ingest.close()
         if self.api is not None:
             self.api.stop()
         self.scheduler.shutdown()

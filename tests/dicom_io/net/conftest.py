@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gastrolens.config.schema import DicomSettings
+from gastrolens.daemon.ingest import DatabaseIngest
 from gastrolens.db import Database
 from gastrolens.dicom_io.net.receiver import Receiver
 from gastrolens.storage.store import Store
@@ -19,6 +20,7 @@ class RunningReceiver:
     receiver: Receiver
     db: Database
     store: Store
+    ingest: DatabaseIngest
 
     @property
     def port(self) -> int:
@@ -34,15 +36,17 @@ def make_receiver(db_url: str, tmp_path: Path) -> Iterator[Callable[..., Running
         if upgrade:
             db.upgrade()
         store = Store(tmp_path / "storage", fsync=True, min_free_mb=min_free_mb)
-        receiver = Receiver(DicomSettings(port=0, **dicom), store, db)
+        ingest = DatabaseIngest(store, db)
+        receiver = Receiver(DicomSettings(port=0, **dicom), ingest)
         receiver.start()
-        running = RunningReceiver(receiver, db, store)
+        running = RunningReceiver(receiver, db, store, ingest)
         started.append(running)
         return running
 
     yield make
     for running in started:
         running.receiver.stop(drain_seconds=5)
+        running.ingest.close()
         running.db.dispose()
 
 

@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from gastrolens.config import load_settings
 from gastrolens.db import Database
+from gastrolens.daemon.ingest import DatabaseIngest
 from gastrolens.dicom_io.net.receiver import Receiver
 from gastrolens.storage.store import Store
 from gastrolens.errors import ConfigError
@@ -197,12 +198,14 @@ def tls_receiver_no_ca(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> I
     settings = load_settings(_tls_config(folder, pki, ca=False), environ={})
     db = Database(settings.database.url)
     db.upgrade()
-    receiver = Receiver(settings.dicom, Store(settings.storage.root, min_free_mb=1), db)
+    ingest = DatabaseIngest(Store(settings.storage.root, min_free_mb=1), db)
+    receiver = Receiver(settings.dicom, ingest)
     receiver.start()
     try:
         yield receiver.port
     finally:
         receiver.stop(drain_seconds=5)
+        ingest.close()
         db.dispose()
 
 

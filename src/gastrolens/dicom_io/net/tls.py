@@ -42,11 +42,23 @@ def server_context(tls: TLSSettings) -> ssl.SSLContext | None:
 class HandshakeInThreadServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server with the TLS handshake off the accept loop.
 
-    Set ``handshake_timeout`` (seconds) and ``on_handshake_failure`` after construction.
+    Set ``handshake_timeout``, ``connection_timeout`` (seconds) and ``on_handshake_failure``
+    after construction. Every connection's socket gets ``connection_timeout``: a peer that
+    stalls in the middle of a PDU is dropped after that long instead of holding its
+    thread and its association slot forever (accepted sockets have no timeout otherwise).
+    Subclasses with ``reuse_port = True`` let several processes listen on one port.
     """
 
     handshake_timeout: float = 30.0
+    connection_timeout: float | None = None
     on_handshake_failure: HandshakeFailure | None = None
+    reuse_port: bool = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -57,10 +69,10 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
             try:
                 request.settimeout(self.handshake_timeout)
                 request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)  # from here pynetdicom applies its own timeouts
             except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts and resets are OSErrors
                 self._handshake_failed(request, client_address, exc)
                 return
+        request.settimeout(self.connection_timeout)
         super().process_request_thread(request, client_address)
 
     def _handshake_failed(self, request: socket.socket, client_address: tuple[str, int], exc: BaseException) -> None:

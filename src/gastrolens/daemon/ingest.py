@@ -1,0 +1,172 @@
+"""What happens to a received data set: the receiver's :class:`Ingest`, wired to store and database.
+
+One C-STORE: check free space -> inspect the header -> decide the version (duplicate,
+new, new version) -> write the bytes as received (atomic, fsync) -> commit the
+instance row and its audit event -> answer 0x0000. Anything that cannot be stored is
+quarantined with its reason and audited, and answered with a failure status; the
+peer hears success only after the file is durable and the row is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gastrolens import metrics
+from gastrolens.db import Database, audit
+from gastrolens.db.instances import plan_version, record_duplicate, record_instance
+from gastrolens.db.states import AuditEventType, Outcome
+from gastrolens.db.tables import Quarantined
+from gastrolens.dicom_io.net.inspect import STATUS_CANNOT_UNDERSTAND, InstanceHeader, inspect_instance
+from gastrolens.dicom_io.net.received import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    IngestOutcome,
+    IngestResult,
+    PeerEvent,
+    ReceivedInstance,
+    RequestFacts,
+)
+from gastrolens.errors import DatabaseError, GastroLensError, InvalidInstanceError, StorageError
+from gastrolens.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS = (OSError, MemoryError, StorageError, DatabaseError)
+"""Unforeseen errors the peer may retry past (0xA700); any other one is 0xC000."""
+
+
+class DatabaseIngest:
+    """Persists received instances in ``store`` and records them in ``db``.
+
+    ``writers`` threads write files while the receiving thread prepares the rows in the
+    open transaction, so the disk wait and the database work overlap.
+    """
+
+    def __init__(self, store: Store, db: Database, *, writers: int = 4,
+                 on_stored: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self.db = db
+        self.on_stored = on_stored
+        """Called after each newly stored instance (the scheduler counts toward a full batch)."""
+        self._writer = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="gastrolens-store")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    # -- Ingest ------------------------------------------------------------------------
+
+    def ingest(self, received: ReceivedInstance) -> IngestOutcome:
+        facts = _facts(received)
+        try:
+            room = self.store.has_room()
+        except OSError as exc:
+            return self._refuse(facts, None, f"cannot check free space: {exc}")
+        if not room:
+            log.error("refusing C-STORE from %s: less than %d MB free", received.actor, self.store.min_free_bytes // 2**20)
+            return self._refuse(facts, None, "storage below min_free_mb")
+        try:
+            header = inspect_instance(received.data, negotiated_sop_class=received.negotiated_sop_class)
+        except InvalidInstanceError as exc:
+            return self._quarantine(received.data, facts, exc.reason, exc.status)
+        try:
+            return self._persist(received, header)
+        except InvalidInstanceError as exc:  # contradicts what is stored (e.g. a series under another study)
+            return self._quarantine(received.data, facts, exc.reason, exc.status, header)
+        except (StorageError, DatabaseError) as exc:
+            log.error("cannot store %s from %s: %s", header.sop_uid, received.actor, exc)
+            return self._refuse(facts, header, str(exc))
+
+    def last_resort(self, received: ReceivedInstance | None, requested: RequestFacts, error: BaseException) -> IngestOutcome:
+        status = STATUS_OUT_OF_RESOURCES if isinstance(error, TRANSIENT_ERRORS) else STATUS_CANNOT_UNDERSTAND
+        reason = f"internal error: {error.__class__.__name__}: {error}"
+        try:
+            if received is not None:
+                return self._quarantine(received.data, requested, reason, status)
+            return self._refuse(requested, None, reason, status=status)
+        except Exception:  # the guard's guard: answer no matter what
+            log.exception("could not record the failure of a C-STORE from %s", requested.actor)
+            return IngestOutcome(status=status, result=IngestResult.REFUSED, reason=reason)
+
+    def peer_event(self, event: PeerEvent) -> None:
+        self._audit_safely(audit.Event(type=AuditEventType.ASSOCIATION_REJECTED, actor=event.actor, outcome=Outcome.FAILURE,
+                                       detail={"reason": event.reason, "kind": event.kind.value}))
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _persist(self, received: ReceivedInstance, header: InstanceHeader) -> IngestOutcome:
+        """Store the bytes and commit the row; the commit comes only after the file is durable."""
+        written: Path | None = None
+        try:
+            with self.db.session() as session:
+                plan = plan_version(session, header)
+                if plan.is_duplicate:
+                    record_duplicate(session, header, plan, received.actor)
+                    log.info("duplicate %s from %s: nothing stored", header.sop_uid, received.actor)
+                    return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.DUPLICATE)
+                relative = self.store.instance_path(header.study_uid, header.series_uid, header.sop_uid, plan.version)
+                writing = self._writer.submit(_write_counted, self.store, relative, received.data)
+                try:
+                    record_instance(session, header, plan, relative, calling_ae=received.calling_ae,
+                                    peer_address=received.peer_address, actor=received.actor)
+                finally:
+                    written = writing.result()  # a failed write raises here: the transaction rolls back
+        except BaseException:
+            if written is not None:
+                written.unlink(missing_ok=True)
+            raise
+        log.debug("stored %s (%d bytes) from %s", header.sop_uid, header.size_bytes, received.actor)
+        if self.on_stored is not None:
+            self.on_stored()
+        return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.STORED)
+
+    def _quarantine(self, data: bytes, facts: RequestFacts, reason: str, status: int,
+                    header: InstanceHeader | None = None) -> IngestOutcome:
+        sop_uid = header.sop_uid if header else facts.requested_sop_uid
+        log.warning("quarantining instance %s from %s: %s (status 0x%04X)", sop_uid, facts.actor, reason, status)
+        context = {"calling_ae": facts.calling_ae, "peer_address": facts.peer_address, "sop_instance_uid": sop_uid,
+                   "status": f"0x{status:04X}"}
+        try:
+            relative = self.store.quarantine(data, reason, context)
+            with self.db.session() as session:
+                session.add(Quarantined(file_path=relative, reason=reason, status=status, sop_instance_uid=sop_uid,
+                                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
+                                        calling_ae=facts.calling_ae, peer_address=facts.peer_address))
+                audit.record(session, audit.Event(
+                    type=AuditEventType.INSTANCE_QUARANTINED, actor=facts.actor, outcome=Outcome.FAILURE,
+                    study_uid=header.study_uid if header else None, series_uid=header.series_uid if header else None,
+                    sop_uid=sop_uid, detail={"reason": reason, "path": relative, "status": f"0x{status:04X}"}))
+        except GastroLensError as err:
+            log.error("could not record quarantined instance %s: %s", sop_uid, err)
+            return IngestOutcome(status=STATUS_OUT_OF_RESOURCES, result=IngestResult.REFUSED, reason=str(err))
+        return IngestOutcome(status=status, result=IngestResult.QUARANTINED, reason=reason)
+
+    def _refuse(self, facts: RequestFacts, header: InstanceHeader | None, reason: str,
+                status: int = STATUS_OUT_OF_RESOURCES) -> IngestOutcome:
+        self._audit_safely(audit.Event(
+            type=AuditEventType.STORE_REFUSED, actor=facts.actor, outcome=Outcome.FAILURE,
+            study_uid=header.study_uid if header else None, series_uid=header.series_uid if header else None,
+            sop_uid=header.sop_uid if header else facts.requested_sop_uid,
+            detail={"reason": reason, "status": f"0x{status:04X}"}))
+        return IngestOutcome(status=status, result=IngestResult.REFUSED, reason=reason)
+
+    def _audit_safely(self, event: audit.Event) -> None:
+        try:
+            with self.db.session() as session:
+                audit.record(session, event)
+        except GastroLensError as exc:
+            log.error("could not write audit event %s: %s", event.type.value, exc)
+
+
+def _write_counted(store: Store, relative: str, data: bytes) -> Path:
+    """The file write on a writer thread, its CPU time counted toward receiving."""
+    with metrics.stage_cpu(metrics.Stage.RECEIVE):
+        return store.write(relative, data)
+
+
+def _facts(received: ReceivedInstance) -> RequestFacts:
+    return RequestFacts(actor=received.actor, calling_ae=received.calling_ae, peer_address=received.peer_address,
+                        requested_sop_uid=received.requested_sop_uid)

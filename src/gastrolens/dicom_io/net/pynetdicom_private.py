@@ -1,0 +1,59 @@
+"""Every use GastroLens makes of pynetdicom internals, in one place.
+
+pynetdicom has no public hook for these; each one is named here, with why, and
+``tests/dicom_io/net/test_pynetdicom_private.py`` fails when a pynetdicom release
+renames or removes what it leans on. Everything else uses the public API (the access
+policy, for example, answers ``evt.EVT_REQUESTED`` with ``acse.send_reject``).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationServer
+
+STATE_AWAITING_CLOSE = "Sta13"
+"""PS3.8 Sta13: A-ABORT or A-ASSOCIATE-RJ sent, waiting for the peer to close."""
+
+
+def register_server(ae: AE, server: AssociationServer) -> None:
+    """Make ``ae`` own a server built with ``ae.make_server`` and started by us.
+
+    ``AE.start_server(block=False)`` cannot take a server class (it always builds a
+    ``ThreadedAssociationServer``), and ``server.shutdown()`` / ``ae.shutdown()`` expect
+    the server in ``ae._servers``, as ``start_server`` leaves it.
+    """
+    ae._servers.append(server)  # type: ignore[arg-type]
+
+
+def connection_socket(assoc: Association) -> socket.socket | None:
+    """The connection's socket (plain or TLS), or None once pynetdicom closed it."""
+    transport = assoc.dul.socket
+    return transport.socket if transport is not None else None
+
+
+def awaiting_close(assoc: Association) -> bool:
+    """True once pynetdicom has sent A-ABORT (or A-ASSOCIATE-RJ) and waits for the peer to close.
+
+    pynetdicom would close on its ARTIM timer, but only while its reader is not blocked
+    in ``recv`` on a partial PDU, which is exactly where junk bytes leave it.
+    """
+    return bool(assoc.dul.state_machine.current_state == STATE_AWAITING_CLOSE)
+
+
+def force_close(assoc: Association) -> None:
+    """Shut the connection down under pynetdicom's feet: its blocked ``recv`` returns,
+    its state machine sees the transport close and the association thread ends.
+
+    ``socket.socket.shutdown`` on the file descriptor, not ``SSLSocket.shutdown``,
+    which would drop the TLS object while the reader thread still uses it.
+    """
+    sock = connection_socket(assoc)
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed

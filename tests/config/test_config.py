@@ -84,3 +84,45 @@ def test_config_file_from_environment(tmp_path):
 def test_settings_are_frozen():
     with pytest.raises(Exception):
         Settings().dicom.port = 1  # type: ignore[misc]
+
+
+def test_relative_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write(folder, "[storage]\nroot = 'data/storage'\n[database]\nurl = 'sqlite:///data/gastrolens.db'\n"
+                         "[model]\npackage = 'models/r34'\n[[destinations]]\nname = 'export'\nfolder = 'export'\n")
+    settings = load_settings(path, environ={})
+    assert settings.storage.root == folder / "data" / "storage"
+    assert settings.database.url == f"sqlite:///{folder / 'data' / 'gastrolens.db'}"
+    assert settings.model.package == folder / "models" / "r34"
+    assert settings.destinations[0].folder == folder / "export"
+    assert (folder / "data" / "storage").is_dir() and not (elsewhere / "data").exists()
+
+
+def test_a_relative_config_path_resolves_against_its_folder_too(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    write(tmp_path / "etc", "[storage]\nroot = 'storage'\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings("etc/gastrolens.toml", environ={}).storage.root == tmp_path / "etc" / "storage"
+
+
+def test_absolute_and_non_file_database_urls_are_kept(tmp_path):
+    for url in (f"sqlite:///{tmp_path / 'abs.db'}", "sqlite:///:memory:", "postgresql+psycopg://gl@db.example/gastrolens"):
+        path = write(tmp_path, f"[storage]\nroot = '{tmp_path / 'st'}'\n[database]\nurl = '{url}'\n")
+        assert load_settings(path, environ={}).database.url == url
+
+
+def test_environment_and_defaults_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = write(folder, "[dicom]\nport = 104\n")
+    env = {"GASTROLENS_STORAGE__ROOT": "from-env", "GASTROLENS_DATABASE__URL": "sqlite:///from-env.db"}
+    settings = load_settings(path, environ=env)
+    assert settings.storage.root == Path("from-env") and (tmp_path / "from-env").is_dir()
+    assert settings.database.url == "sqlite:///from-env.db"
+    assert load_settings(path, environ={}).storage.root == Path("var/storage"), "a default: the working directory"
+    assert load_settings(environ={}).database.url == "sqlite:///var/gastrolens.db"

@@ -2,6 +2,11 @@
 
 Every problem is reported as :class:`~gastrolens.errors.ConfigError` naming the file
 (or environment variable), the dotted key and the reason, all at once.
+
+A relative path written in the file (``storage.root``, an SQLite ``database.url``, the
+model package, TLS files, folder destinations) is relative to the file's folder, as
+users expect of a file they keep beside its data; a relative path from an environment
+variable, or a default, is relative to the working directory of the process.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
             raise ConfigError(source, "-", f"cannot read the file: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, "-", f"not valid TOML: {exc}") from exc
+        _resolve_file_paths(data, Path(path).absolute().parent)
     overridden = _apply_environment(data, environ)
     try:
         settings = Settings.model_validate(data)
@@ -47,6 +53,54 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         raise _config_error(exc, source, overridden) from exc
     _check_storage_writable(settings, source)
     return settings
+
+
+_PATH_KEYS = (("storage", "root"), ("model", "package"), ("dicom", "tls", "cert"), ("dicom", "tls", "key"),
+              ("dicom", "tls", "ca"))
+_DESTINATION_PATH_KEYS = (("folder",), ("tls", "ca"), ("tls", "cert"), ("tls", "key"))
+
+
+def _resolve_file_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths written in a file absolute against ``folder``, in place.
+
+    Values that are not strings are left for validation to report.
+    """
+    for keys in _PATH_KEYS:
+        _resolve_at(data, keys, folder)
+    destinations = data.get("destinations")
+    if isinstance(destinations, list):
+        for destination in destinations:
+            for keys in _DESTINATION_PATH_KEYS:
+                _resolve_at(destination, keys, folder)
+    database = data.get("database")
+    if isinstance(database, dict) and isinstance(database.get("url"), str):
+        database["url"] = _sqlite_url_against(database["url"], folder)
+
+
+def _resolve_at(node: object, keys: tuple[str, ...], folder: Path) -> None:
+    for key in keys[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(value := node.get(keys[-1]), str) and value:
+        path = Path(value)
+        if not path.is_absolute() and not value.startswith("~"):
+            node[keys[-1]] = str(folder / path)
+
+
+def _sqlite_url_against(url: str, folder: Path) -> str:
+    """``url`` with a relative SQLite file made absolute against ``folder``; any other URL unchanged."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url  # validation names the problem
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return url
+    if Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(folder / database)).render_as_string(hide_password=False)
 
 
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:

@@ -25,7 +25,7 @@ import gastrolens.dicom_io.documents.outputs as outputs_module
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.config.schema import OutputSettings
 from gastrolens.dicom_io.documents import codes
-from gastrolens.dicom_io.documents.outputs import OutputKind, PredecessorRef, write_outputs, write_study_sr
+from gastrolens.dicom_io.documents.outputs import Builder, OutputKind, PredecessorRef, write_outputs, write_study_sr
 from gastrolens.errors import OutputError
 from gastrolens.findings import LesionClass
 
@@ -280,6 +280,25 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(outputs_module, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
+        write_outputs(source, findings, tmp_path / "out", builder=Builder.HIGHDICOM)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_failed_fast_write_leaves_nothing_behind(tmp_path: Path, monkeypatch):
+    source, findings = scenario()
+    real_write = outputs_module.write_bytes_atomic
+
+    def failing_write(path, data, *, fsync=True):
+        if path.name.startswith("overlay"):
+            def explode(fh):
+                fh.write(b"partial")
+                raise OSError("disk full")
+            from gastrolens.storage.atomic import write_atomic
+            write_atomic(path, explode, fsync=fsync)
+        return real_write(path, data, fsync=fsync)
+
+    monkeypatch.setattr(outputs_module, "write_bytes_atomic", failing_write)
+    with pytest.raises(OutputError, match="disk full"):
         write_outputs(source, findings, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 

@@ -9,7 +9,9 @@ functions of the inputs, so processing an image again replaces its outputs.
 
 from __future__ import annotations
 
+import enum
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from gastrolens.config.schema import OutputSettings
-from gastrolens.dicom_io.documents.common import check_findings, check_source, save, source_header
+from gastrolens.dicom_io.documents.common import check_findings, check_source, now, save, source_header
+from gastrolens.dicom_io.documents.fast import TemplateRefused, build_fast
 from gastrolens.models.conclusion import StudyConclusion, aggregate_study
 from gastrolens.dicom_io.documents.overlay import build_overlay
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, number_of_frames
@@ -27,13 +30,16 @@ from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr, bui
 from gastrolens.findings import OutputKind
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import ImageFinding, ModelIdentity
+from gastrolens.storage.atomic import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Builder",
     "OutputKind",
     "PredecessorRef",
     "WrittenOutput",
+    "WrittenOutputs",
     "WrittenStudyReport",
     "output_path",
     "write_outputs",
@@ -50,6 +56,34 @@ class WrittenOutput:
     sop_instance_uid: str
     series_instance_uid: str
     sop_class_uid: str
+
+
+class Builder(str, enum.Enum):
+    """How output objects are built: from cached byte templates (fast), or from scratch
+    by the reference builders (highdicom for SEG and SR), which define every object."""
+
+    TEMPLATE = "template"
+    HIGHDICOM = "highdicom"
+
+
+class WrittenOutputs(list[WrittenOutput]):
+    """The files :func:`write_outputs` wrote, plus what the caller records beside them.
+
+    A list, so callers that only iterate need nothing new; it pickles with its fields,
+    so it comes back from worker processes whole.
+    """
+
+    cpu_seconds: float
+    """CPU time of the calling thread spent in :func:`write_outputs` (for
+    ``metrics.add_stage_cpu(Stage.OUTPUTS, ...)`` in the daemon)."""
+    quirks: tuple[str, ...]
+    """What was wrong with the source and how it was read anyway (short strings)."""
+
+    def __init__(self, written: Sequence[WrittenOutput] = (), *, cpu_seconds: float = 0.0,
+                 quirks: Sequence[str] = ()) -> None:
+        super().__init__(written)
+        self.cpu_seconds = cpu_seconds
+        self.quirks = tuple(quirks)
 
 
 @dataclass(frozen=True)
@@ -71,19 +105,53 @@ def write_outputs(
     *,
     frames: Sequence[np.ndarray] | None = None,
     fsync: bool = True,
-) -> list[WrittenOutput]:
+    builder: Builder = Builder.TEMPLATE,
+) -> WrittenOutputs:
     """Write the SEG, SR and overlay of one source instance (each as ``settings`` allow).
 
     ``source`` is the full stored dataset (with pixel data); ``findings`` holds one
     :class:`ImageFinding` per frame. ``frames`` may pass the RGB frames already decoded
     for inference so they are not decoded again. No SEG is written when no frame shows a
     lesion. Raises :class:`OutputError` for a bad source or findings, with nothing written.
+    ``builder`` chooses the fast template path (default) or the reference builders; both
+    write the same objects (tests/dicom_io/documents/test_fast_equivalence.py).
     """
+    started = time.thread_time()
     settings = settings or OutputSettings()
     check_source(source)
     model = check_findings(source, findings)
-    header = source_header(source)
+    if settings.overlay and frames is None:
+        try:
+            frames = decode_rgb_frames(source)
+        except DecodeError as exc:
+            raise OutputError(f"cannot draw the overlay: {exc}") from exc
+    written: list[WrittenOutput] | None = None
+    if builder is Builder.TEMPLATE:
+        try:
+            written = _write_fast(source, findings, model, settings, frames, out_dir, fsync=fsync)
+        except TemplateRefused as exc:
+            logger.info("the %s template was refused for instance %s; building with the reference path",
+                        exc, source.SOPInstanceUID)
+    if written is None:
+        written = _write_reference(source, findings, model, settings, frames, out_dir, fsync=fsync)
+    logger.info(
+        "wrote %d output(s) for instance %s: %s",
+        len(written), source.SOPInstanceUID, ", ".join(w.kind.value for w in written) or "none",
+    )
+    return WrittenOutputs(written, cpu_seconds=time.thread_time() - started)
 
+
+def _write_reference(
+    source: Dataset,
+    findings: Sequence[ImageFinding],
+    model: ModelIdentity,
+    settings: OutputSettings,
+    frames: Sequence[np.ndarray] | None,
+    out_dir: Path,
+    *,
+    fsync: bool,
+) -> list[WrittenOutput]:
+    header = source_header(source)
     built: list[tuple[OutputKind, Dataset]] = []
     seg, segments = None, []
     if settings.seg:
@@ -94,17 +162,45 @@ def write_outputs(
     if settings.sr:
         built.append((OutputKind.SR, build_image_sr(header, findings, model, seg, segments)))
     if settings.overlay:
-        if frames is None:
-            try:
-                frames = decode_rgb_frames(source)
-            except DecodeError as exc:
-                raise OutputError(f"cannot draw the overlay: {exc}") from exc
+        assert frames is not None
         built.append((OutputKind.OVERLAY, build_overlay(header, frames, findings, model)))
-    written = _write_all(built, out_dir, fsync=fsync)
-    logger.info(
-        "wrote %d output(s) for instance %s: %s",
-        len(written), source.SOPInstanceUID, ", ".join(w.kind.value for w in written) or "none",
-    )
+    return _write_all(built, out_dir, fsync=fsync)
+
+
+def _write_fast(
+    source: Dataset,
+    findings: Sequence[ImageFinding],
+    model: ModelIdentity,
+    settings: OutputSettings,
+    frames: Sequence[np.ndarray] | None,
+    out_dir: Path,
+    *,
+    fsync: bool,
+) -> list[WrittenOutput]:
+    if frames is not None:
+        rows, cols = int(source.Rows), int(source.Columns)
+        for frame in frames:
+            if frame.shape != (rows, cols, 3) or frame.dtype != np.uint8:
+                raise OutputError(f"source instance {source.SOPInstanceUID}: decoded frame {frame.shape} "
+                                  f"{frame.dtype} is not ({rows}, {cols}, 3) uint8")
+        if len(frames) != len(findings):
+            raise OutputError(f"source instance {source.SOPInstanceUID}: {len(frames)} frames, {len(findings)} findings")
+    objects = build_fast(source, findings, model, seg=settings.seg, sr=settings.sr, overlay=settings.overlay,
+                         frames=frames, created=now())
+    written: list[WrittenOutput] = []
+    try:
+        for obj in objects:
+            path = output_path(out_dir, obj.kind, obj.sop_instance_uid)
+            try:
+                write_bytes_atomic(path, obj.data, fsync=fsync)
+            except OSError as exc:
+                raise OutputError(f"could not write {path}: {exc}") from exc
+            written.append(WrittenOutput(kind=obj.kind, path=path, sop_instance_uid=obj.sop_instance_uid,
+                                         series_instance_uid=obj.series_instance_uid, sop_class_uid=obj.sop_class_uid))
+    except BaseException:
+        for output in written:
+            output.path.unlink(missing_ok=True)
+        raise
     return written
 
 

@@ -170,10 +170,24 @@ def build_segmentation(
     seg.PatientOrientation = header.get("PatientOrientation", "")
     seg.ImageComments = model_comment(model)
     seg.CodingSchemeIdentificationSequence = codes.coding_scheme_identification()
+    _fix_dimension_organization_uid(seg, dimension_organization_uid(source_uid, model.weights_sha256))
     if multiframe:
         _restore_source_class(seg, source_uid, header.SOPClassUID)
         _reference_source_frames(seg, infos)
     return seg, infos
+
+
+def dimension_organization_uid(source_uid: str, weights_sha256: str) -> UID:
+    """highdicom draws a random Dimension Organization UID; ours is derived like every
+    other UID, so the same image and weights give the same SEG."""
+    return derived_uid("dimension-organization", source_uid, weights_sha256)
+
+
+def _fix_dimension_organization_uid(seg: Dataset, uid: UID) -> None:
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in seg.get(keyword, []):
+            if "DimensionOrganizationUID" in item:
+                item.DimensionOrganizationUID = uid
 
 
 def _single_frame_proxy(header: Dataset) -> Dataset:

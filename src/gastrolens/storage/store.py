@@ -48,10 +48,6 @@ class Store:
         name = f"{sop_uid}.dcm" if version == 1 else f"{sop_uid}.v{version}.dcm"
         return str(PurePosixPath("instances", study_uid, series_uid, name))
 
-    def output_path(self, study_uid: str, kind: str, sop_uid: str) -> str:
-        _require_uids(study_uid, sop_uid)
-        return str(PurePosixPath("outputs", study_uid, kind, f"{sop_uid}.dcm"))
-
     def write(self, relative: str, data: bytes) -> Path:
         try:
             return write_bytes_atomic(self.absolute(relative), data, fsync=self.fsync)

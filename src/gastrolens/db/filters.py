@@ -18,10 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gastrolens.db.states import AuditEventType, DeliveryState
+from gastrolens.dicom_uid import is_dicom_uid
 from gastrolens.findings import LesionClass
-
-UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-"""The DICOM UID grammar (PS3.5 9.1); at most 64 characters."""
 
 _DICOM_TEXT = re.compile(r"^[\w .,/+#^:-]*$")
 """Characters a patient ID or accession number filter may hold: letters, digits, space, . , / + # ^ : - _"""
@@ -52,7 +50,7 @@ class StudyState(str, enum.Enum):
 
 def check_uid(value: str, name: str = "uid") -> str:
     """Return ``value`` when it follows the DICOM UID grammar, else raise ValueError naming ``name``."""
-    if len(value) > 64 or not UID_PATTERN.match(value):
+    if not is_dicom_uid(value):
         raise ValueError(f"{name}: {value[:80]!r} is not a DICOM UID (digits and dots, no leading zeros, at most 64 characters)")
     return value
 
@@ -60,7 +58,7 @@ def check_uid(value: str, name: str = "uid") -> str:
 def _uid(value: str | None) -> str | None:
     if value is None:
         return None
-    if len(value) > 64 or not UID_PATTERN.match(value):
+    if not is_dicom_uid(value):
         raise ValueError("not a DICOM UID (digits and dots, no leading zeros, at most 64 characters)")
     return value
 

@@ -37,20 +37,16 @@ def schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
         keys.add(dotted)
-        nested = _model_in(field.annotation)
-        if nested is not None:
+        for nested in _models_in(field.annotation):
             keys |= schema_keys(nested, dotted + ".")
     return keys
 
 
-def _model_in(annotation: object) -> type[BaseModel] | None:
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """Every model in ``annotation``: each member of a union (destinations: DICOM peer | folder)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
+        return [annotation]
+    return [found for arg in typing.get_args(annotation) for found in _models_in(arg)]
 
 
 def mentioned_keys(text: str) -> set[str]:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import timedelta
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from gastrolens.daemon.completion import StudyCompletion
 from gastrolens.daemon.delivery import DeliveryStep, requeue
 from gastrolens.daemon.pipeline import InferenceStep
 from gastrolens.daemon.retention import RetentionStep
 from gastrolens.db.queue import claim_instances
+from gastrolens.db.transitions import fail_instance
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState
 from gastrolens.findings import OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study, utcnow
@@ -61,7 +61,8 @@ def test_batch_records_results_outputs_and_deliveries(stage, tiny_engine, study_
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")  # the truncation is the point
 def test_a_bad_image_fails_alone(stage, tiny_engine, study_uid):
     good = stage.receive(study_uid, seed=1)
-    broken = bytearray(stage.store.absolute(_path_of(stage, good)).read_bytes())
+    good_path = stage.store.absolute(_path_of(stage, good))
+    good_bytes = good_path.read_bytes()
     bad_uid = stage.receive(study_uid, seed=2)
     path = stage.store.absolute(_path_of(stage, bad_uid))
     data = path.read_bytes()
@@ -73,7 +74,8 @@ def test_a_bad_image_fails_alone(stage, tiny_engine, study_uid):
         assert failed.sop_instance_uid == bad_uid and "decode" in failed.error
         event = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.INSTANCE_FAILED)).one()
         assert json.loads(event.detail)["reason"] == failed.error
-    assert broken  # the good file was untouched
+        assert s.scalar(select(Instance.state).where(Instance.sop_instance_uid == good)) is InstanceState.DONE
+    assert good_path.read_bytes() == good_bytes, "the good file was untouched"
 
 
 def _path_of(stage, sop_uid: str) -> str:
@@ -83,15 +85,18 @@ def _path_of(stage, sop_uid: str) -> str:
 
 def test_expired_lease_is_claimed_again_and_the_late_worker_loses(stage, tiny_engine, study_uid):
     stage.receive(study_uid)
+    claimed_at = utcnow() - timedelta(seconds=120)  # a worker that claimed two minutes ago and died
     with stage.db.session() as s:
-        assert len(claim_instances(s, "dead-worker", 10, lease_seconds=1.5)) == 1
+        (lost,) = claim_instances(s, "dead-worker", limit=10, lease_seconds=60, now=claimed_at)
     with stage.db.session() as s:
-        assert claim_instances(s, "other", 10, lease_seconds=60) == []  # lease still valid
-    time.sleep(1.6)
+        assert claim_instances(s, "other", limit=10, lease_seconds=60, now=claimed_at + timedelta(seconds=59)) == []
     report = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "survivor").run_once()
     assert report.done == 1
     assert "instance.reclaimed" in audit_types(stage)
+    with stage.db.session() as s:  # the dead worker comes back with its result: it lost the claim
+        assert not fail_instance(s, lost, worker="dead-worker", reason="late", now=utcnow())
     assert count(stage, Result) == 1
+    assert count(stage, Instance, Instance.state == InstanceState.DONE) == 1
 
 
 def test_study_sr_revisions_name_their_predecessor(stage, tiny_engine, study_uid):
@@ -180,19 +185,25 @@ def test_retention_keeps_what_was_not_delivered(make_stage, tiny_engine, study_u
     assert audit_types(stage).count("retention.removed") == removed
 
 
-def test_a_database_error_fails_one_instance_not_the_batch(stage, tiny_engine, study_uid, monkeypatch):
-    from gastrolens.errors import DatabaseError
+def _refuse_results_of(stage, sop_uid: str, message: str) -> None:
+    """A real database error for one instance: a trigger that refuses its results rows."""
+    with stage.db.session() as s:
+        instance_id = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid))
+    with stage.db.engine.begin() as conn:
+        if stage.db.engine.dialect.name == "sqlite":
+            conn.execute(text(f"CREATE TRIGGER refuse_one BEFORE INSERT ON results WHEN NEW.instance_id = {instance_id} "
+                              f"BEGIN SELECT RAISE(ABORT, '{message}'); END"))
+        else:
+            conn.execute(text(f"CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                              f"IF NEW.instance_id = {instance_id} THEN RAISE EXCEPTION '{message}'; END IF; "
+                              f"RETURN NEW; END $$"))
+            conn.execute(text("CREATE TRIGGER refuse_one BEFORE INSERT ON results FOR EACH ROW EXECUTE FUNCTION refuse_one()"))
 
+
+def test_a_database_error_fails_one_instance_not_the_batch(stage, tiny_engine, study_uid):
     uids = [stage.receive(study_uid, seed=i) for i in range(3)]
+    _refuse_results_of(stage, uids[1], "value too long")
     step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
-    original = step._record
-
-    def record(item, written):
-        if item.claim.sop_instance_uid == uids[1]:
-            raise DatabaseError("database error: value too long")
-        return original(item, written)
-
-    monkeypatch.setattr(step, "_record", record)
     report = step.run_once()
     assert (report.done, report.failed) == (2, 1)
     with stage.db.session() as s:
@@ -216,19 +227,25 @@ def test_drain_processes_every_batch_with_outputs_built_in_worker_processes(make
 
 
 def test_a_dead_output_worker_costs_no_image(make_stage, tiny_engine, study_uid):
+    import multiprocessing
+    import multiprocessing.connection
     import os
     import signal
 
     stage = make_stage(scheduler={"study_quiet_seconds": 0, "lease_seconds": 60, "output_processes": 1})
-    stage.receive(study_uid, seed=1)
     step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
     try:
-        pid = step._builders.submit(os.getpid).result()
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-        report = step.run_once()
-        assert (report.done, report.failed) == (1, 0)
+        before = set(multiprocessing.active_children())
+        stage.receive(study_uid, seed=1)
+        assert step.run_once().done == 1  # the worker process is up
+        workers = [p for p in multiprocessing.active_children() if p not in before]
+        assert len(workers) == 1
+        os.kill(workers[0].pid, signal.SIGKILL)
+        assert multiprocessing.connection.wait([workers[0].sentinel], timeout=30), "the worker died"
         stage.receive(study_uid, seed=2)
+        report = step.run_once()
+        assert (report.done, report.failed) == (1, 0), "the image of the dead worker is built anyway"
+        stage.receive(study_uid, seed=3)
         assert step.run_once().done == 1, "fresh workers serve the next batch"
     finally:
         step.close()

@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # VR AE: no backslash, no control chars
 
@@ -199,6 +199,10 @@ class SchedulerSettings(_Section):
     lease_seconds: float = Field(300.0, gt=0)
     """A claim older than this is taken to belong to a dead process and is claimed again."""
     decode_threads: int = Field(2, ge=1, le=64)
+    """Threads decoding in the daemon's own process; used only when decode_processes is 0."""
+    decode_processes: int | None = Field(None, ge=0, le=64)
+    """Worker processes decoding stored images (JPEG decoding holds the GIL);
+    unset: one per CPU (at most 32); 0: decode in decode_threads threads of the daemon."""
     output_processes: int | None = Field(None, ge=0, le=64)
     """Worker processes that build SEG/SR/overlay objects (pure Python, GIL-bound);
     unset: one per CPU beyond the first, at most 4; 0: build them in the daemon's own process."""
@@ -211,25 +215,55 @@ class DestinationTLS(_Section):
     key: Path | None = None
 
 
-class Destination(_Section):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: AETitle | None = None
-    host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
-    folder: Path | None = None
-    """A folder destination: outputs are copied there instead of sent."""
+DestinationName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class DicomPeer(_Section):
+    """A DICOM peer that receives the outputs by C-STORE (TLS when configured)."""
+
+    kind: Literal["dicom"] = "dicom"
+    name: DestinationName
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
     tls: DestinationTLS = DestinationTLS()
 
-    @model_validator(mode="after")
-    def _kind(self) -> "Destination":
-        network = (self.ae_title, self.host, self.port)
-        if self.folder is None and None in network:
-            raise ValueError("a destination needs ae_title, host and port, or a folder")
-        if self.folder is not None and any(v is not None for v in network):
+    @model_validator(mode="before")
+    @classmethod
+    def _complete(cls, data: object) -> object:
+        # One message naming everything a peer needs, rather than one "Field required" per key.
+        if isinstance(data, dict):
+            missing = [key for key in ("ae_title", "host", "port") if data.get(key) is None]
+            if missing:
+                raise ValueError(f"a DICOM peer needs ae_title, host and port (missing: {', '.join(missing)}); "
+                                 "a folder destination needs kind = \"folder\" and folder")
+        return data
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class Folder(_Section):
+    """A folder that receives the outputs as files: ``<folder>/<Study Instance UID>/<SOP Instance UID>.dcm``."""
+
+    kind: Literal["folder"] = "folder"
+    name: DestinationName
+    folder: Path
+
+
+def _destination_kind(data: object) -> object:
+    """Configurations without ``kind`` keep working: a folder key makes a folder, anything else a DICOM peer."""
+    if isinstance(data, dict) and "kind" not in data:
+        if "folder" in data and any(data.get(key) is not None for key in ("ae_title", "host", "port")):
             raise ValueError("a destination is either a DICOM peer or a folder, not both")
-        if self.ae_title is not None:
-            _check_ae_title(self.ae_title)
-        return self
+        return {**data, "kind": "folder" if "folder" in data else "dicom"}
+    return data
+
+
+Destination = Annotated[DicomPeer | Folder, Field(discriminator="kind"), BeforeValidator(_destination_kind)]
+"""Where outputs go; ``kind`` says which (\"dicom\" when absent, unless ``folder`` is given)."""
 
 
 class DeliverySettings(_Section):

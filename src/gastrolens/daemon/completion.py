@@ -10,22 +10,25 @@ compare-and-set, so two processes never write the same revision twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, select
 
+from gastrolens import metrics
 from gastrolens.config import Settings
-from gastrolens.db import Database, audit
-from gastrolens.db.states import AuditEventType, InstanceState, Outcome
-from gastrolens.findings import OutputKind
-from gastrolens.db.tables import Instance, Output, Result, Series, Study, utcnow
+from gastrolens.db import Database
+from gastrolens.db.states import InstanceState
+from gastrolens.db.tables import Instance, Output, Result, Study, utcnow
+from gastrolens.db.transitions import NewOutput, StudyReport, record_study_report
 from gastrolens.dicom_io.documents.outputs import PredecessorRef, write_study_sr
-from gastrolens.storage.store import Store
 from gastrolens.errors import GastroLensError
-from gastrolens.findings import CLASS_ORDER, ImageFinding, LesionClass, ModelIdentity
+from gastrolens.findings import ImageFinding, LesionClass, ModelIdentity, OutputKind
+from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class StudyCompletion:
         self.db = db
         self.store = store
         self.worker = worker
+        self._destination_names = tuple(d.name for d in settings.destinations)
 
     def due_studies(self) -> list[int]:
         quiet_since = utcnow() - timedelta(seconds=self.settings.scheduler.study_quiet_seconds)
@@ -60,12 +64,14 @@ class StudyCompletion:
             return 0
         for study_id in self.due_studies():
             try:
-                written += self.report(study_id)
+                with metrics.stage_cpu(metrics.Stage.COMPLETE):
+                    written += self.report(study_id)
             except GastroLensError as exc:
                 log.error("study %d: cannot write the study SR: %s", study_id, exc)
         return written
 
     def report(self, study_id: int) -> int:
+        """Write the study's next SR revision from the newest finding of every frame; 1 if written."""
         with self.db.session() as session:
             study = session.get(Study, study_id)
             assert study is not None
@@ -76,7 +82,7 @@ class StudyCompletion:
                 .join(Result, Result.instance_id == Instance.id)
                 .where(Instance.study_id == study_id, Instance.state == InstanceState.DONE,
                        Instance.superseded.is_(False))
-                .order_by(Instance.received_at, Instance.id, Result.frame_number)
+                .order_by(Instance.received_at, Instance.id, Result.frame_number, Result.created_at, Result.id)
             ).all()
             previous = session.scalars(select(Output).where(Output.study_id == study_id,
                                                             Output.kind == OutputKind.STUDY_SR)
@@ -85,58 +91,60 @@ class StudyCompletion:
                                           previous.sop_class_uid) if previous else None)
         if not rows:
             return 0
-        study_pairs = self._study_pairs(rows)
-        report = write_study_sr(study_pairs, self.store.absolute(f"outputs/{study_uid}"), self.settings.outputs,
-                                revision=revision, predecessor=predecessor, fsync=self.settings.storage.fsync)
-        from gastrolens.daemon.pipeline import queue_deliveries
-
+        study_pairs, models = self._study_pairs(rows)
+        written = write_study_sr(study_pairs, self.store.absolute(f"outputs/{study_uid}"), self.settings.outputs,
+                                 revision=revision, predecessor=predecessor, fsync=self.settings.storage.fsync)
+        conclusion = written.conclusion
+        report = StudyReport(
+            study_id=study_id, study_instance_uid=study_uid, revision=revision,
+            output=NewOutput(kind=OutputKind.STUDY_SR, sop_instance_uid=written.output.sop_instance_uid,
+                             series_instance_uid=written.output.series_instance_uid,
+                             sop_class_uid=written.output.sop_class_uid,
+                             file_path=self.store.relative(written.output.path)),
+            conclusion=conclusion.conclusion.value, reported=[c.value for c in conclusion.reported_classes],
+            images=conclusion.image_count, models=models,
+            predecessor_sop_uid=predecessor.sop_instance_uid if predecessor else None)
         with self.db.session() as session:
-            advanced = session.execute(update(Study).where(Study.id == study_id,
-                                                           Study.report_revision == revision - 1)
-                                       .values(report_revision=revision, reported_at=utcnow(),
-                                               conclusion=report.conclusion.conclusion.value)).rowcount
-            if advanced != 1:
-                log.info("study %s revision %d was reported by another worker", study_uid, revision)
-                return 0
-            written = report.output
-            output = Output(kind=OutputKind.STUDY_SR, study_id=study_id, instance_id=None,
-                            sop_instance_uid=written.sop_instance_uid,
-                            series_instance_uid=written.series_instance_uid, sop_class_uid=written.sop_class_uid,
-                            file_path=self.store.relative(written.path), revision=revision,
-                            model_sha256=study_pairs[0][1][0].model.weights_sha256)
-            session.add(output)
-            session.flush()
-            queue_deliveries(session, output, self.settings)
-            audit.record(session, audit.Event(
-                type=AuditEventType.STUDY_REPORTED, actor=self.worker, outcome=Outcome.SUCCESS, study_uid=study_uid,
-                series_uid=written.series_instance_uid, sop_uid=written.sop_instance_uid,
-                detail={"revision": revision, "conclusion": report.conclusion.conclusion.value,
-                 "reported": [c.value for c in report.conclusion.reported_classes],
-                 "images": report.conclusion.image_count,
-                 "predecessor": predecessor.sop_instance_uid if predecessor else None}))
-        log.info("study %s: SR revision %d, conclusion %s", study_uid, revision, report.conclusion.conclusion.value)
+            recorded = record_study_report(session, report, worker=self.worker, destinations=self._destination_names,
+                                           now=utcnow())
+        if not recorded:
+            log.info("study %s revision %d was reported by another worker", study_uid, revision)
+            return 0
+        log.info("study %s: SR revision %d, conclusion %s, %d model(s)", study_uid, revision,
+                 conclusion.conclusion.value, len(models))
         return 1
 
-    def _study_pairs(self, rows) -> list[tuple[Dataset, list[ImageFinding]]]:  # type: ignore[no-untyped-def]
-        pairs: dict[int, tuple[Dataset, list[ImageFinding]]] = {}
-        for instance, result in rows:
-            if instance.id not in pairs:
-                header = dcmread(self.store.absolute(instance.file_path), stop_before_pixels=True)
-                pairs[instance.id] = (header, [])
-            pairs[instance.id][1].append(finding_from_result(result))
-        return list(pairs.values())
+    def _study_pairs(self, rows: Sequence[Any]) -> tuple[list[tuple[Dataset, list[ImageFinding]]], list[ModelIdentity]]:
+        """Each instance's header with the newest finding of each of its frames, and the models behind them.
+
+        An instance processed again (by another model) has several results per frame; the
+        newest counts. The models are in the order of their newest finding, newest last.
+        """
+        headers: dict[int, Dataset] = {}
+        frames: dict[int, dict[int, Result]] = {}
+        for instance, result in rows:  # ordered by frame, then age: a later row replaces an earlier one
+            if instance.id not in headers:
+                headers[instance.id] = dcmread(self.store.absolute(instance.file_path), stop_before_pixels=True)
+                frames[instance.id] = {}
+            frames[instance.id][result.frame_number] = result
+        pairs = [(headers[i], [finding_from_result(frames[i][n]) for n in sorted(frames[i])]) for i in headers]
+        newest = sorted((r for by_frame in frames.values() for r in by_frame.values()), key=lambda r: (r.created_at, r.id))
+        models = list(dict.fromkeys(_identity(r) for r in reversed(newest)))[::-1]
+        return pairs, models
+
+
+def _identity(result: Result) -> ModelIdentity:
+    return ModelIdentity(result.model_name, result.model_version, result.model_sha256, result.untrained)
 
 
 def finding_from_result(result: Result) -> ImageFinding:
     """An ImageFinding rebuilt from its database row (without the mask, which the study SR does not use)."""
-    probabilities = (result.p_normal, result.p_pu, result.p_egc_hgin, result.p_agc, result.p_smt)
-    assert len(probabilities) == len(CLASS_ORDER)
     return ImageFinding(
-        probabilities=probabilities,
+        probabilities=result.probabilities,
         predicted=LesionClass(result.predicted_class),
         lesion_present=result.lesion_present,
         mask=np.zeros((0, 0), dtype=bool),
         lesion_area_fraction=result.lesion_area_fraction,
         bbox=tuple(result.bbox) if result.bbox else None,  # type: ignore[arg-type]
-        model=ModelIdentity(result.model_name, result.model_version, result.model_sha256, result.untrained),
+        model=_identity(result),
     )

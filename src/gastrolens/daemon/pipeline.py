@@ -22,16 +22,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from pydicom.dataset import Dataset
-from sqlalchemy import select
 
 from gastrolens import metrics
 from gastrolens.config import Settings
 from gastrolens.daemon.workers import output_workers
-from gastrolens.db import Database, audit
-from gastrolens.db.queue import ClaimedInstance, claim_instances, hold_instance
-from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
-from gastrolens.findings import OutputKind
-from gastrolens.db.tables import Delivery, Output, Result, utcnow
+from gastrolens.db import Database
+from gastrolens.db.queue import ClaimedInstance, claim_instances
+from gastrolens.db.tables import utcnow
+from gastrolens.db.transitions import NewOutput, fail_instance, finish_instance
 from gastrolens.dicom_io.documents.outputs import WrittenOutput, write_outputs
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, read_dataset
 from gastrolens.storage.store import Store
@@ -70,6 +68,7 @@ class InferenceStep:
         self.store = store
         self.engine = engine
         self.worker = worker
+        self._destination_names = tuple(d.name for d in settings.destinations)
         self._decoders = ThreadPoolExecutor(settings.scheduler.decode_threads, thread_name_prefix="gastrolens-decode")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="gastrolens-write")
         processes = settings.scheduler.output_processes
@@ -114,8 +113,8 @@ class InferenceStep:
 
     def _claim_and_infer(self) -> tuple[list[_Work], float] | None:
         with self.db.session() as session:
-            claims = claim_instances(session, self.worker, self.settings.model.batch_size,
-                                     self.settings.scheduler.lease_seconds)
+            claims = claim_instances(session, self.worker, limit=self.settings.model.batch_size,
+                                     lease_seconds=self.settings.scheduler.lease_seconds, now=utcnow())
         if not claims:
             return None
         started = time.perf_counter()
@@ -224,107 +223,25 @@ class InferenceStep:
             return f"cannot write outputs: {exc}"
         except Exception as exc:  # a worker process that died, or an error that did not pickle
             return f"cannot write outputs: {exc.__class__.__name__}: {exc}"
+        outputs = [NewOutput(kind=w.kind, sop_instance_uid=w.sop_instance_uid,
+                             series_instance_uid=w.series_instance_uid, sop_class_uid=w.sop_class_uid,
+                             file_path=self.store.relative(w.path)) for w in written]
         try:
-            self._record(item, written)
+            with metrics.stage_cpu(metrics.Stage.RECORD), self.db.session() as session:
+                finished = finish_instance(session, item.claim, worker=self.worker, findings=item.findings,
+                                           outputs=outputs, destinations=self._destination_names, now=utcnow())
         except DatabaseError as exc:  # this instance fails alone; the batch goes on
             return f"cannot record results: {exc}"
+        if not finished:
+            log.warning("instance %s was claimed by another worker meanwhile; dropping this result",
+                        item.claim.sop_instance_uid)
         return None
-
-    def _record(self, item: _Work, written: list[WrittenOutput]) -> None:
-        """Results, outputs, deliveries and the done state in one transaction, if the claim still holds."""
-        claim = item.claim
-        with self.db.session() as session:
-            instance = hold_instance(session, claim.id, self.worker)
-            if instance is None:
-                log.warning("instance %s was claimed by another worker meanwhile; dropping this result",
-                            claim.sop_instance_uid)
-                return
-            for frame_number, finding in enumerate(item.findings, start=1):
-                session.add(_result_row(claim.id, frame_number, finding))
-            for output in written:
-                self._record_output(session, claim, output, item.findings[0].model.weights_sha256)
-            instance.state = InstanceState.DONE
-            instance.finished_at = utcnow()
-            instance.claimed_by = instance.lease_expires_at = None
-            instance.error = None
-            predicted = sorted({f.predicted.value for f in item.findings})
-            audit.record(session, audit.Event(
-                type=AuditEventType.INSTANCE_DONE, actor=self.worker, outcome=Outcome.SUCCESS, study_uid=claim.study_instance_uid,
-                series_uid=claim.series_instance_uid, sop_uid=claim.sop_instance_uid,
-                detail={"instance_id": claim.id, "frames": len(item.findings), "predicted": predicted,
-                 "model": item.findings[0].model.name, "model_version": item.findings[0].model.version,
-                 "weights_sha256": item.findings[0].model.weights_sha256,
-                 "untrained": item.findings[0].model.untrained}))
-
-    def _record_output(self, session, claim: ClaimedInstance, written: WrittenOutput, sha256: str) -> None:  # type: ignore[no-untyped-def]
-        relative = self.store.relative(written.path)
-        kind = written.kind
-        output = session.scalars(select(Output).where(Output.sop_instance_uid == written.sop_instance_uid)).first()
-        replaced = output is not None
-        if output is None:
-            output = Output(kind=kind, study_id=claim.study_id, instance_id=claim.id,
-                            sop_instance_uid=written.sop_instance_uid, model_sha256=sha256)
-            session.add(output)
-        output.series_instance_uid = written.series_instance_uid
-        output.sop_class_uid = written.sop_class_uid
-        output.file_path = relative
-        output.instance_id = claim.id
-        output.removed_at = None
-        session.flush()
-        queue_deliveries(session, output, self.settings)
-        audit.record(session, audit.Event(
-            type=AuditEventType.OUTPUT_WRITTEN, actor=self.worker, outcome=Outcome.SUCCESS, study_uid=claim.study_instance_uid,
-            series_uid=written.series_instance_uid, sop_uid=written.sop_instance_uid,
-            detail={"kind": kind.value, "source_sop_uid": claim.sop_instance_uid, "path": relative,
-             **({"note": "replaces an earlier output with the same UID"} if replaced else {})}))
 
     def _fail(self, item: _Work) -> None:
         claim = item.claim
         log.error("instance %s failed: %s", claim.sop_instance_uid, item.error)
         try:
-            self._record_failure(item)
+            with metrics.stage_cpu(metrics.Stage.RECORD), self.db.session() as session:
+                fail_instance(session, claim, worker=self.worker, reason=item.error or "unknown", now=utcnow())
         except DatabaseError as exc:  # the lease runs out and the instance is claimed again
             log.error("cannot record the failure of %s: %s", claim.sop_instance_uid, exc)
-
-    def _record_failure(self, item: _Work) -> None:
-        claim = item.claim
-        with self.db.session() as session:
-            instance = hold_instance(session, claim.id, self.worker)
-            if instance is None:
-                return
-            instance.state = InstanceState.FAILED
-            instance.error = item.error
-            instance.finished_at = utcnow()
-            instance.claimed_by = instance.lease_expires_at = None
-            audit.record(session, audit.Event(
-                type=AuditEventType.INSTANCE_FAILED, actor=self.worker, outcome=Outcome.FAILURE, study_uid=claim.study_instance_uid,
-                series_uid=claim.series_instance_uid, sop_uid=claim.sop_instance_uid, detail={"instance_id": claim.id, "reason": item.error}))
-
-
-def queue_deliveries(session, output: Output, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    """One delivery per configured destination; a replaced output is sent again."""
-    existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
-    for destination in settings.destinations:
-        delivery = existing.get(destination.name)
-        if delivery is None:
-            session.add(Delivery(output_id=output.id, destination=destination.name, state=DeliveryState.PENDING,
-                                 attempts=0, next_attempt_at=utcnow()))
-        elif delivery.state is not DeliveryState.PENDING:
-            delivery.state = DeliveryState.PENDING
-            delivery.attempts = 0
-            delivery.next_attempt_at = utcnow()
-            delivery.claimed_by = delivery.lease_expires_at = None
-
-
-def _result_row(instance_id: int, frame_number: int, finding: ImageFinding) -> Result:
-    p = finding.probabilities
-    return Result(
-        instance_id=instance_id, frame_number=frame_number,
-        p_normal=p[0], p_pu=p[1], p_egc_hgin=p[2], p_agc=p[3], p_smt=p[4],
-        predicted_class=finding.predicted.value, lesion_present=finding.lesion_present,
-        lesion_area_fraction=finding.lesion_area_fraction,
-        bbox=list(finding.bbox) if finding.bbox is not None else None,
-        model_name=finding.model.name, model_version=finding.model.version,
-        model_sha256=finding.model.weights_sha256, untrained=finding.model.untrained,
-        timings=dict(finding.timings),
-    )

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from gastrolens.db.filters import StudyFilter, StudyQuery, StudyState, day_after
 from gastrolens.db.states import DeliveryState, InstanceState
-from gastrolens.findings import OutputKind
+from gastrolens.findings import CLASS_ORDER, OutputKind
 from gastrolens.db.tables import Delivery, Instance, Output, Result, Series, Study
 from gastrolens.db.views import (
     DeliveryView,
@@ -256,7 +256,7 @@ def _result_views(results: list[Result]) -> list[ResultView]:
     return [
         ResultView(
             frame_number=r.frame_number,
-            probabilities=Probabilities(normal=r.p_normal, pu=r.p_pu, egc_hgin=r.p_egc_hgin, agc=r.p_agc, smt=r.p_smt),
+            probabilities=Probabilities(**{c.value: p for c, p in zip(CLASS_ORDER, r.probabilities, strict=True)}),
             predicted_class=r.predicted_class, lesion_present=r.lesion_present,
             lesion_area_fraction=r.lesion_area_fraction, bbox=list(r.bbox) if r.bbox is not None else None,
             model_name=r.model_name, model_version=r.model_version, model_sha256=r.model_sha256,

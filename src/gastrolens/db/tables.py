@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
-from gastrolens.findings import OutputKind
+from gastrolens.findings import CLASS_ORDER, LesionClass, OutputKind
 
 UID = String(64)
 
@@ -171,6 +171,21 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="results")
+
+    @property
+    def probabilities(self) -> tuple[float, ...]:
+        """The class probabilities in :data:`CLASS_ORDER`, as :class:`ImageFinding` holds them."""
+        return tuple(float(getattr(self, probability_column(cls))) for cls in CLASS_ORDER)
+
+
+def probability_column(cls: LesionClass) -> str:
+    """The ``results`` column that holds the probability of ``cls`` (``p_<class value>``)."""
+    return f"p_{cls.value}"
+
+
+def probability_values(probabilities: tuple[float, ...]) -> dict[str, float]:
+    """Column values for probabilities that follow :data:`CLASS_ORDER` (``Result(**...)``)."""
+    return {probability_column(cls): float(p) for cls, p in zip(CLASS_ORDER, probabilities, strict=True)}
 
 
 class Output(Base):

@@ -1,6 +1,15 @@
-"""The C-STORE sender: one association per destination, a status per file.
+"""The C-STORE sender: one association per destination carries every object, one result per object.
 
-This module only talks DICOM; the delivery stage decides what to retry.
+Objects go as their files store them: pynetdicom is given the path and, with its
+documented ``STORE_SEND_CHUNKED_DATASET`` option, streams the encoded data set from the
+file instead of decoding it into a Dataset and encoding it again, so each file is read
+once and never parsed. That needs a presentation context in the file's own transfer
+syntax, so every SOP class is proposed once per syntax the writers store; a peer that
+accepts none of them gets the object decoded and converted to Implicit VR Little Endian
+(the only case that reads a file into a Dataset).
+
+This module only talks DICOM: it says what each attempt came to (sent, worth a retry,
+permanent) and the delivery state machine decides the rest.
 """
 
 from __future__ import annotations
@@ -8,76 +17,56 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
 
-from gastrolens.config.schema import Destination
+from gastrolens.config.schema import DicomPeer
+from gastrolens.sending import SendResult, permanent, retry, sent
 
 log = logging.getLogger(__name__)
 
 SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 """Success, or a warning that still means the object was stored."""
 
+STORED_SYNTAXES = (ExplicitVRLittleEndian, JPEGBaseline8Bit)
+"""The transfer syntaxes output files are stored in (see ``documents.common.save``); each is proposed as is."""
 
-@dataclass(frozen=True)
-class SendResult:
-    """``status`` is the peer's C-STORE status, None when no answer came (refused, timeout, abort)."""
-
-    path: Path
-    status: int | None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status in SUCCESS_STATUSES
-
-    @property
-    def retryable(self) -> bool:
-        """Worth another try: no answer, or out of resources (0xA7xx)."""
-        return self.status is None or 0xA700 <= self.status <= 0xA7FF
+MAX_CONTEXTS = 128
 
 
-def _client_tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
-    tls = destination.tls
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.check_hostname = False  # PACS certificates rarely name the host the way DICOM peers are configured
-    if tls.cert and tls.key:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    return ctx, destination.host or ""
-
-
-def send_files(files: Sequence[tuple[Path, str]], destination: Destination, calling_ae: str,
+def send_files(files: Sequence[tuple[Path, str]], peer: DicomPeer, calling_ae: str,
                timeout_seconds: float = 30.0) -> Iterator[SendResult]:
-    """C-STORE each ``(path, sop_class_uid)`` to ``destination`` over one association.
+    """C-STORE each ``(path, sop_class_uid)`` to ``peer`` over one association.
 
     Yields one result per file, in order, as soon as the peer answers, so the caller can
-    record it before the next file goes (a crash then re-sends at most one file).
+    record it before the next file goes (a crash then re-sends at most one file). Closing
+    the generator early releases the association.
     """
+    if not files:
+        return
+    _send_files_as_stored()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
-    for sop_class in sorted({sop for _, sop in files})[:128]:
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assert destination.host and destination.port and destination.ae_title
+    for context in _contexts(sorted({sop for _, sop in files})):
+        ae.add_requested_context(*context)
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=_client_tls(destination))
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_client_tls(peer))
     except (OSError, ssl.SSLError) as exc:
-        yield from (SendResult(path, None, f"cannot connect: {exc}") for path, _ in files)
-        return
-    if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        yield from (SendResult(path, None, reason) for path, _ in files)
+        yield from (retry(f"cannot connect: {exc}") for _ in files)
         return
     try:
+        if not assoc.is_established:
+            reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
+            yield from (retry(reason) for _ in files)
+            return
         for index, (path, _) in enumerate(files):
             if not assoc.is_established:
-                yield from (SendResult(p, None, "association lost") for p, _ in files[index:])
+                yield from (retry("association lost") for _ in files[index:])
                 return
             yield _send_one(assoc, path)
     finally:
@@ -86,18 +75,59 @@ def send_files(files: Sequence[tuple[Path, str]], destination: Destination, call
         ae.shutdown()
 
 
-def _send_one(assoc, path: Path) -> SendResult:  # type: ignore[no-untyped-def]
+def _send_files_as_stored() -> None:
+    """The one place GastroLens sets a pynetdicom ``_config`` option (documented there as the way to set it).
+
+    Only C-STORE requests given a file path are affected, and only this module sends.
+    """
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _contexts(sop_classes: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Each SOP class once per stored syntax, then once with Implicit VR Little Endian for conversion."""
+    contexts = [(sop, [str(syntax)]) for sop in sop_classes for syntax in STORED_SYNTAXES]
+    contexts += [(sop, [str(ImplicitVRLittleEndian)]) for sop in sop_classes]
+    if len(contexts) > MAX_CONTEXTS:
+        log.warning("%d SOP classes in one association: only the first %d presentation contexts are proposed",
+                    len(sop_classes), MAX_CONTEXTS)
+    return contexts[:MAX_CONTEXTS]
+
+
+def _client_tls(peer: DicomPeer) -> tuple[ssl.SSLContext, str] | None:
+    tls = peer.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
+    ctx.check_hostname = False  # PACS certificates rarely name the host the way DICOM peers are configured
+    if tls.cert and tls.key:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx, peer.host
+
+
+def _send_one(assoc: Association, path: Path) -> SendResult:
     try:
-        status = assoc.send_c_store(dcmread(path))
+        try:
+            status = assoc.send_c_store(path)  # the file's bytes as stored
+        except ValueError:  # the peer accepted no context in the file's own syntax: convert
+            status = assoc.send_c_store(dcmread(path))
     except FileNotFoundError as exc:
-        return SendResult(path, -1, f"output file missing: {exc}")
-    except ValueError as exc:  # no accepted presentation context: permanent for this peer
-        return SendResult(path, -1, f"not accepted by the peer: {exc}")
+        return permanent(f"output file missing: {exc}")
+    except (InvalidDicomError, AttributeError) as exc:
+        return permanent(f"output file unreadable: {exc}")
+    except ValueError as exc:  # no accepted presentation context at all: permanent for this peer
+        return permanent(f"not accepted by the peer: {exc}")
     except (RuntimeError, OSError) as exc:
-        return SendResult(path, None, f"send failed: {exc}")
+        return retry(f"send failed: {exc}")
     code = int(status.Status) if status and "Status" in status else None
-    return SendResult(path, code, None if code in SUCCESS_STATUSES else _status_text(code))
+    return classify(code)
 
 
-def _status_text(code: int | None) -> str:
-    return "no response (timeout or abort)" if code is None else f"peer answered 0x{code:04X}"
+def classify(code: int | None) -> SendResult:
+    """A C-STORE status as an outcome: stored, worth another try, or refused for good."""
+    if code in SUCCESS_STATUSES:
+        return sent(code)
+    if code is None:
+        return retry("no response (timeout or abort)")
+    if 0xA700 <= code <= 0xA7FF:  # out of resources
+        return retry(f"peer answered 0x{code:04X} (out of resources)", code)
+    return permanent(f"peer answered 0x{code:04X}", code)

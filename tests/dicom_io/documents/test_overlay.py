@@ -129,3 +129,22 @@ def test_frames_must_match_the_source():
     source, findings = scenario()
     with pytest.raises(OutputError, match="is not"):
         build_overlay(source_header(source), [np.zeros((5, 5, 3), np.uint8)], findings, TRAINED)
+
+
+@pytest.mark.parametrize("model", [TRAINED, UNTRAINED], ids=["trained", "untrained"])
+@pytest.mark.parametrize("shape", [(480, 640), (33, 47), (120, 90)])
+def test_fast_drawing_is_pixel_identical(model, shape):
+    """draw_overlay_fast = draw_overlay, lesions anywhere: touching the edges, under the
+    model line (the label box then touches it), none at all."""
+    from gastrolens.dicom_io.documents.overlay_fast import draw_overlay_fast
+
+    rows, cols = shape
+    rng = np.random.default_rng(rows * cols)
+    frame = endoscopy_frame(rows, cols, seed=2)
+    centers = [(0.0, 0.0), (1.0, 1.0), (0.95, 0.2), (0.5, 0.5), (0.05, 0.9)]
+    centers += [tuple(rng.random(2)) for _ in range(5)]
+    for center in centers:
+        for cls in (LesionClass.AGC, LesionClass.NORMAL):
+            mask = lesion_mask(rows, cols, center=center, radii=tuple(0.05 + 0.3 * rng.random(2)))
+            finding = make_finding(mask, cls, confidence=float(rng.uniform(0.3, 1.0)), model=model)
+            np.testing.assert_array_equal(draw_overlay_fast(frame, finding, model), draw_overlay(frame, finding, model))

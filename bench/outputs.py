@@ -1,0 +1,96 @@
+"""How long building the outputs of one image takes, per kind and per path, on one core.
+
+    .venv/bin/python bench/outputs.py [--count 200] [--rows 480 --cols 640] [--frames 1]
+        [--sop-class vl|sc] [--no-lesion] [--fsync]
+
+Builds a synthetic 640x480 VL Endoscopic source with a lesion (tests/dicom_io/documents/
+synthetic.py), its frames already decoded as the daemon passes them, and calls
+``write_outputs`` in this one process, first with the template path (the default), then
+with the reference path (``builder=highdicom``). The kinds are timed by switching them on
+one after another: SEG alone, then SEG + SR (the SR difference), then all three (the
+overlay difference). Reported: CPU ms per image of the calling thread (what one core
+spends) and wall ms, and images/s per core = 1000 / CPU ms for all three together. fsync
+is off unless ``--fsync``. Every image gets new UIDs and values, so the template path
+compiles its templates once (not timed: one warm-up image) and then only fills them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "dicom_io" / "documents"))
+
+from synthetic import MULTIFRAME_TRUE_COLOR_SC, SECONDARY_CAPTURE, VL_ENDOSCOPIC, scenario  # noqa: E402
+
+from gastrolens.config.schema import OutputSettings  # noqa: E402
+from gastrolens.dicom_io.documents.outputs import Builder, write_outputs  # noqa: E402
+from gastrolens.dicom_io.documents.read import decode_rgb_frames  # noqa: E402
+from gastrolens.findings import LesionClass  # noqa: E402
+
+STEPS = (
+    ("seg", OutputSettings(seg=True, sr=False, overlay=False)),
+    ("seg+sr", OutputSettings(seg=True, sr=True, overlay=False)),
+    ("all", OutputSettings(seg=True, sr=True, overlay=True)),
+)
+
+
+def _measure(images, settings: OutputSettings, builder: Builder, out: Path, fsync: bool) -> tuple[float, float]:
+    source, findings, frames = images[0]
+    write_outputs(source, findings, out, settings, frames=frames, fsync=fsync, builder=builder)  # warm-up
+    cpu = wall = 0.0
+    for source, findings, frames in images:
+        start_wall, start_cpu = time.perf_counter(), time.thread_time()
+        write_outputs(source, findings, out, settings, frames=frames, fsync=fsync, builder=builder)
+        cpu += time.thread_time() - start_cpu
+        wall += time.perf_counter() - start_wall
+    return 1000 * cpu / len(images), 1000 * wall / len(images)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200, help="images per measurement (template path)")
+    parser.add_argument("--reference-count", type=int, default=10, help="images per measurement (highdicom path)")
+    parser.add_argument("--rows", type=int, default=480)
+    parser.add_argument("--cols", type=int, default=640)
+    parser.add_argument("--frames", type=int, default=1)
+    parser.add_argument("--sop-class", choices=("vl", "sc"), default="vl")
+    parser.add_argument("--no-lesion", action="store_true")
+    parser.add_argument("--fsync", action="store_true")
+    args = parser.parse_args()
+
+    sop_class = {"vl": VL_ENDOSCOPIC, "sc": SECONDARY_CAPTURE}[args.sop_class]
+    if args.frames > 1:
+        sop_class = MULTIFRAME_TRUE_COLOR_SC
+    lesion = None if args.no_lesion else LesionClass.PU
+    pool = []
+    for _ in range(min(args.count, 8)):
+        source, findings = scenario(sop_class, lesion=lesion, rows=args.rows, cols=args.cols, frames=args.frames)
+        pool.append((source, findings, decode_rgb_frames(source)))
+    load = os.getloadavg()[0]
+    print(f"outputs for one {args.cols}x{args.rows} {args.sop_class.upper()} image, {args.frames} frame(s), "
+          f"{'lesion' if lesion else 'no lesion'}, fsync {'on' if args.fsync else 'off'}, one process; "
+          f"load average {load:.2f} on {os.cpu_count()} CPUs"
+          + ("  (BUSY MACHINE: figures are pessimistic)" if load >= 1 else ""))
+    print(f"{'path':<10} {'kind':<8} {'CPU ms/image':>13} {'wall ms/image':>14}")
+    with tempfile.TemporaryDirectory() as folder:
+        for builder, count in ((Builder.TEMPLATE, args.count), (Builder.HIGHDICOM, args.reference_count)):
+            images = [pool[i % len(pool)] for i in range(count)]
+            previous = (0.0, 0.0)
+            totals = (0.0, 0.0)
+            for name, settings in STEPS:
+                totals = _measure(images, settings, builder, Path(folder) / builder.value / name, args.fsync)
+                kind = {"seg": "SEG", "seg+sr": "SR", "all": "overlay"}[name]
+                print(f"{builder.value:<10} {kind:<8} {totals[0] - previous[0]:13.2f} {totals[1] - previous[1]:14.2f}")
+                previous = totals
+            print(f"{builder.value:<10} {'all':<8} {totals[0]:13.2f} {totals[1]:14.2f}   "
+                  f"-> {1000 / totals[0]:.0f} images/s per core")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationServer
 
@@ -57,3 +57,14 @@ def force_close(assoc: Association) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass  # already closed
+
+
+def send_files_as_stored() -> None:
+    """Make ``Association.send_c_store(path)`` stream the file's encoded data set as stored.
+
+    pynetdicom documents ``_config.STORE_SEND_CHUNKED_DATASET`` as the way to do this
+    (off by default: the file is then decoded with ``dcmread`` and encoded again). Only
+    C-STORE requests given a path are affected, and only the sender sends. Process-wide,
+    idempotent.
+    """
+    _config.STORE_SEND_CHUNKED_DATASET = True

@@ -22,10 +22,11 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.association import Association
 
 from gastrolens.config.schema import DicomPeer
+from gastrolens.dicom_io.net.pynetdicom_private import send_files_as_stored
 from gastrolens.sending import SendResult, permanent, retry, sent
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def send_files(files: Sequence[tuple[Path, str]], peer: DicomPeer, calling_ae: s
     """
     if not files:
         return
-    _send_files_as_stored()
+    send_files_as_stored()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
     for context in _contexts(sorted({sop for _, sop in files})):
@@ -73,14 +74,6 @@ def send_files(files: Sequence[tuple[Path, str]], peer: DicomPeer, calling_ae: s
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
-
-
-def _send_files_as_stored() -> None:
-    """The one place GastroLens sets a pynetdicom ``_config`` option (documented there as the way to set it).
-
-    Only C-STORE requests given a file path are affected, and only this module sends.
-    """
-    _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def _contexts(sop_classes: Sequence[str]) -> list[tuple[str, list[str]]]:

@@ -323,7 +323,7 @@ class LoggingSettings(_Section):
 class Settings(_Section):
     dicom: DicomSettings = DicomSettings()
     storage: StorageSettings = StorageSettings()
-    database: DatabaseSettings = DatabaseSettings()
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     model: ModelSettings = ModelSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     destinations: tuple[Destination, ...] = ()

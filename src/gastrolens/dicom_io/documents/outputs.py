@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -22,7 +23,6 @@ from pydicom.dataset import Dataset
 from gastrolens.config.schema import OutputSettings
 from gastrolens.dicom_io.documents.common import check_findings, check_source, now, save, source_header
 from gastrolens.dicom_io.documents.fast import TemplateRefused, build_fast
-from gastrolens.models.conclusion import StudyConclusion, aggregate_study
 from gastrolens.dicom_io.documents.overlay import build_overlay
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, number_of_frames
 from gastrolens.dicom_io.documents.seg import build_segmentation
@@ -31,6 +31,9 @@ from gastrolens.findings import OutputKind
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import ImageFinding, ModelIdentity
 from gastrolens.storage.atomic import write_bytes_atomic
+
+if TYPE_CHECKING:  # the models package imports torch: output workers must not
+    from gastrolens.models.conclusion import StudyConclusion
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +243,8 @@ def write_study_sr(
     if len(models) != 1:
         raise OutputError(f"the study's findings come from {len(models)} different models")
     model = models.pop()
+    from gastrolens.models.conclusion import aggregate_study  # torch: only where study SRs are written
+
     try:
         conclusion = aggregate_study(
             [f for _, findings in headers for f in findings], settings.study_priority, min_images=min_images

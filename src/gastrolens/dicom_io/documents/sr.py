@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -35,7 +36,6 @@ from pydicom.dataset import Dataset
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.dicom_io.documents import codes
 from gastrolens.dicom_io.documents.common import MANUFACTURER, check_lo, model_label, now, series_description
-from gastrolens.models.conclusion import StudyConclusion
 from gastrolens.dicom_io.documents.read import number_of_frames
 from gastrolens.dicom_io.documents.seg import SegmentInfo
 from gastrolens.dicom_io.documents.uids import (
@@ -48,6 +48,9 @@ from gastrolens.dicom_io.documents.uids import (
 )
 from gastrolens.errors import OutputError
 from gastrolens.findings import CLASS_ORDER, ImageFinding, ModelIdentity
+
+if TYPE_CHECKING:  # the models package imports torch: output workers must not
+    from gastrolens.models.conclusion import StudyConclusion
 
 logger = logging.getLogger(__name__)
 

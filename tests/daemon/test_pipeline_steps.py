@@ -232,7 +232,8 @@ def test_a_dead_output_worker_costs_no_image(make_stage, tiny_engine, study_uid)
     import os
     import signal
 
-    stage = make_stage(scheduler={"study_quiet_seconds": 0, "lease_seconds": 60, "output_processes": 1})
+    stage = make_stage(scheduler={"study_quiet_seconds": 0, "lease_seconds": 60, "output_processes": 1,
+                                  "decode_processes": 0})  # the only child process is the output worker
     step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
     try:
         before = set(multiprocessing.active_children())

@@ -4,8 +4,11 @@ One call of :meth:`InferenceStep.run_once` handles one batch; :meth:`InferenceSt
 (what the scheduler runs) writes batch n while batch n+1 is inferred. Decoding runs in
 a thread pool, SEG/SR/overlay objects are built in worker processes
 (`gastrolens.daemon.workers`); one bad instance fails alone with its reason and the
-rest of the batch goes on. Results, outputs, deliveries and the ``done`` state of an instance commit in
-one transaction, and only while this worker still holds the instance's claim, so an
+rest of the batch goes on. Decoding runs in worker processes sized to the cores
+(`gastrolens.daemon.decoding`); in :meth:`InferenceStep.drain` the next batch is claimed
+and decoding while the engine works on the current one. A device that failed for good
+(:class:`~gastrolens.errors.DeviceError`) stops the step from claiming anything more.
+Results, outputs, deliveries and the ``done`` state of an instance commit in one transaction, and only while this worker still holds the instance's claim, so an
 instance gets exactly one set of results even when a lease expired under a slow worker.
 """
 
@@ -15,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,15 +28,15 @@ from pydicom.dataset import Dataset
 
 from gastrolens import metrics
 from gastrolens.config import Settings
+from gastrolens.daemon.decoding import Decoded, decode_instance, decode_process_count
 from gastrolens.daemon.workers import output_workers
 from gastrolens.db import Database
 from gastrolens.db.queue import ClaimedInstance, claim_instances
 from gastrolens.db.tables import utcnow
 from gastrolens.db.transitions import NewOutput, fail_instance, finish_instance
 from gastrolens.dicom_io.documents.outputs import WrittenOutput, write_outputs
-from gastrolens.dicom_io.documents.read import decode_rgb_frames, read_dataset
 from gastrolens.storage.store import Store
-from gastrolens.errors import DatabaseError, GastroLensError
+from gastrolens.errors import DatabaseError, DeviceError, GastroLensError
 from gastrolens.findings import ImageFinding
 from gastrolens.models import Engine, validate_image
 
@@ -69,14 +72,18 @@ class InferenceStep:
         self.engine = engine
         self.worker = worker
         self._destination_names = tuple(d.name for d in settings.destinations)
-        self._decoders = ThreadPoolExecutor(settings.scheduler.decode_threads, thread_name_prefix="gastrolens-decode")
+        self._decode_processes = decode_process_count(settings.scheduler.decode_processes)
+        self._decoders = self._new_decoders()
+        self._prefetched: list[tuple[ClaimedInstance, Future[Decoded]]] | None = None
+        self.device_failed: DeviceError | None = None
+        """Set when the engine's device failed for good: nothing more is claimed; restart the process."""
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="gastrolens-write")
         processes = settings.scheduler.output_processes
         self._processes = min(4, (os.cpu_count() or 1) - 1) if processes is None else processes
         self._builders = self._new_builders()
 
     def close(self) -> None:
-        self._decoders.shutdown(wait=True)
+        self._decoders.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
         if self._builders is not None:
             self._builders.shutdown(wait=True)
@@ -93,34 +100,50 @@ class InferenceStep:
         runs in torch without it, so the two overlap; at most one batch waits to be
         written. Returns how many instances were claimed.
         """
+        if self.device_failed is not None:
+            raise self.device_failed
         claimed = 0
         pending: Future[BatchReport] | None = None
         try:
-            while not should_stop():
-                batch = self._claim_and_infer()
+            while self._prefetched is not None or not should_stop():
+                batch = self._claim_and_infer(prefetch=not should_stop())
                 if batch is None:
                     break
                 claimed += len(batch[0])
                 if pending is not None:
                     pending.result()
                 pending = self._writer.submit(self._write_batch, *batch)
-                if len(batch[0]) < self.settings.model.batch_size:
+                if self._prefetched is None and len(batch[0]) < self.settings.model.batch_size:
                     break
         finally:
             if pending is not None:
                 pending.result()
         return claimed
 
-    def _claim_and_infer(self) -> tuple[list[_Work], float] | None:
+    def _claim_and_infer(self, *, prefetch: bool = False) -> tuple[list[_Work], float] | None:
+        """Claim (or take the prefetched batch), decode and infer one batch.
+
+        With ``prefetch``, a full batch's successor is claimed and starts decoding in the
+        worker processes before this batch goes to the engine, so decoding overlaps inference.
+        """
+        started = time.perf_counter()
+        decoding, self._prefetched = self._prefetched or self._claim_and_decode(), None
+        if decoding is None:
+            return None
+        work = self._collect(decoding)
+        if prefetch and len(work) >= self.settings.model.batch_size:
+            self._prefetched = self._claim_and_decode()
+        self._infer([w for w in work if w.error is None])
+        return work, started
+
+    def _claim_and_decode(self) -> list[tuple[ClaimedInstance, Future[Decoded]]] | None:
         with self.db.session() as session:
             claims = claim_instances(session, self.worker, limit=self.settings.model.batch_size,
                                      lease_seconds=self.settings.scheduler.lease_seconds, now=utcnow())
         if not claims:
             return None
-        started = time.perf_counter()
-        work = list(self._decoders.map(self._decode, claims))
-        self._infer([w for w in work if w.error is None])
-        return work, started
+        return [(claim, self._decoders.submit(decode_instance, self.store.absolute(claim.file_path)))
+                for claim in claims]
 
     def _write_batch(self, work: list[_Work], started: float) -> BatchReport:
         # Every instance's outputs are built at once in the worker processes, then recorded in order.
@@ -142,15 +165,48 @@ class InferenceStep:
                  report.claimed, report.done, report.failed, report.seconds, report.images_per_second)
         return report
 
-    def _decode(self, claim: ClaimedInstance) -> _Work:
-        item = _Work(claim)
-        try:
-            item.dataset = read_dataset(self.store.absolute(claim.file_path))
-            item.frames = [validate_image(frame) for frame in decode_rgb_frames(item.dataset)]
-        except (GastroLensError, OSError) as exc:
-            item.error = f"cannot decode: {exc}"
-        except Exception as exc:  # a corrupt stream can raise anything from a decoder plugin
-            item.error = f"cannot decode: {exc.__class__.__name__}: {exc}"
+    def _new_decoders(self) -> Executor:
+        if self._decode_processes > 0:
+            return output_workers(self._decode_processes)
+        return ThreadPoolExecutor(self.settings.scheduler.decode_threads, thread_name_prefix="gastrolens-decode")
+
+    def _collect(self, decoding: list[tuple[ClaimedInstance, Future[Decoded]]]) -> list[_Work]:
+        """Wait for a batch's decoding; count its CPU time; check the frames."""
+        work = []
+        for claim, future in decoding:
+            try:
+                with metrics.stage_cpu(metrics.Stage.DECODE):  # unpickling the frames
+                    decoded = future.result()
+            except BrokenProcessPool:
+                decoded = self._decode_alone(claim)
+            metrics.add_stage_cpu(metrics.Stage.DECODE, decoded.cpu_seconds)
+            work.append(self._checked(claim, decoded))
+        return work
+
+    def _decode_alone(self, claim: ClaimedInstance) -> Decoded:
+        """A decode worker died (killed, or a decoder crashed): retry this instance alone
+        in fresh workers; if they die on it too, it is this instance's fault."""
+        for attempt in (1, 2):
+            log.warning("a decode worker process died; starting fresh ones (attempt %d for %s)", attempt,
+                        claim.sop_instance_uid)
+            self._decoders.shutdown(wait=False, cancel_futures=True)
+            self._decoders = self._new_decoders()
+            try:
+                return self._decoders.submit(decode_instance, self.store.absolute(claim.file_path)).result()
+            except BrokenProcessPool:
+                continue
+        self._decoders.shutdown(wait=False, cancel_futures=True)
+        self._decoders = self._new_decoders()
+        return Decoded(error="cannot decode: the decoder process died on this instance")
+
+    @staticmethod
+    def _checked(claim: ClaimedInstance, decoded: Decoded) -> _Work:
+        item = _Work(claim, dataset=decoded.dataset, error=decoded.error)
+        if item.error is None:
+            try:
+                item.frames = [validate_image(frame) for frame in decoded.frames]
+            except GastroLensError as exc:
+                item.error = f"cannot decode: {exc}"
         return item
 
     def _infer(self, work: list[_Work]) -> None:
@@ -158,12 +214,18 @@ class InferenceStep:
         if not frames:
             return
         try:
-            findings = self.engine.infer(frames)
+            with metrics.stage_cpu(metrics.Stage.INFER):
+                findings = self.engine.infer(frames)
+        except DeviceError as exc:
+            self._device_lost(exc)
         except GastroLensError as exc:  # a batch-level failure: try instance by instance
             log.warning("batch inference failed (%s); retrying instance by instance", exc)
             for item in work:
                 try:
-                    item.findings = self.engine.infer(item.frames)
+                    with metrics.stage_cpu(metrics.Stage.INFER):
+                        item.findings = self.engine.infer(item.frames)
+                except DeviceError as err:
+                    self._device_lost(err)
                 except GastroLensError as err:
                     item.error = f"inference failed: {err}"
             return
@@ -171,6 +233,17 @@ class InferenceStep:
         for item in work:
             item.findings = findings[position : position + len(item.frames)]
             position += len(item.frames)
+
+    def _device_lost(self, exc: DeviceError) -> None:
+        """No image is at fault: fail none, claim nothing more, let the daemon restart.
+
+        The instances claimed for this batch (and a prefetched one) are not failed; their
+        leases run out and a fresh process claims them again.
+        """
+        log.critical("the inference device failed; this worker stops claiming: %s", exc)
+        self.device_failed = exc
+        self._prefetched = None
+        raise exc
 
     def _output_dir(self, claim: ClaimedInstance) -> Path:
         return self.store.absolute(str(PurePosixPath("outputs", claim.study_instance_uid)))

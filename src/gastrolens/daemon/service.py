@@ -21,6 +21,7 @@ from gastrolens.daemon.completion import StudyCompletion
 from gastrolens.daemon.delivery import DeliveryStep
 from gastrolens.daemon.ingest import DatabaseIngest
 from gastrolens.daemon.pipeline import InferenceStep
+from gastrolens.daemon.receivers import ReceiverPool, process_count
 from gastrolens.daemon.retention import RetentionStep
 from gastrolens.daemon.scheduler import RETENTION_INTERVAL_SECONDS, Scheduler
 from gastrolens.db import Database, audit
@@ -44,9 +45,16 @@ class Service:
         self.worker = service_actor()
         self.db = Database(settings.database.url)
         self.store = Store(settings.storage.root, fsync=settings.storage.fsync, min_free_mb=settings.storage.min_free_mb)
-        self.ingest = DatabaseIngest(self.store, self.db, writers=settings.dicom.max_associations,
-                                     on_stored=self._count_stored)
-        self.receiver = Receiver(settings.dicom, self.ingest)
+        self.ingest: DatabaseIngest | None = None
+        self.receiver: Receiver | ReceiverPool
+        processes = process_count(settings.dicom)
+        if processes > 1:  # ingest grows with cores: see daemon.receivers
+            self.receiver = ReceiverPool(settings, processes, on_stored=self._count_stored,
+                                         log_level=logging.getLogger().getEffectiveLevel())
+        else:
+            self.ingest = DatabaseIngest(self.store, self.db, writers=settings.dicom.max_associations,
+                                         on_stored=self._count_stored)
+            self.receiver = Receiver(settings.dicom, self.ingest)
         self.scheduler = Scheduler()
         self.engine: Engine | None = None
         self.inference: InferenceStep | None = None
@@ -88,7 +96,8 @@ class Service:
 
     def stop(self) -> None:
         self.receiver.stop()
-        self.ingest.close()
+        if self.ingest is not None:
+            self.ingest.close()
         if self.api is not None:
             self.api.stop()
         self.scheduler.shutdown()

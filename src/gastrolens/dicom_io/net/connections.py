@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DropReport = Callable[[Association, str], None]
 """Called once per dropped connection with the association and the reason."""
+EndReport = Callable[[Association], None]
+"""Called once per connection when its thread has ended, whatever the reason."""
 
 
 class Phase(enum.Enum):
@@ -48,9 +50,11 @@ class _Watched:
 class ConnectionWatch:
     """Tracks connections from ``opened`` until their thread ends; closes stragglers."""
 
-    def __init__(self, *, acse_timeout: float, on_drop: DropReport, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, acse_timeout: float, on_drop: DropReport, on_end: EndReport | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.acse_timeout = acse_timeout
         self.on_drop = on_drop
+        self.on_end = on_end
         self.clock = clock
         self._watched: dict[int, _Watched] = {}
         self._lock = threading.Lock()
@@ -113,6 +117,8 @@ class ConnectionWatch:
                     log.warning("closing connection from %s: %s", assoc.requestor.address, reason)
                     pynetdicom_private.force_close(assoc)
         for watched in ended:
+            if self.on_end is not None:
+                self.on_end(watched.assoc)
             if watched.phase is Phase.OPEN:
                 reason = watched.closing_reason or "the peer closed the connection before association negotiation completed"
                 self.on_drop(watched.assoc, reason)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
@@ -40,6 +40,16 @@ log = logging.getLogger(__name__)
 # A-ASSOCIATE-RJ (result, source, reason): rejected-permanent, by the service user.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
+# Rejected-transient by the service provider (presentation): local limit exceeded.
+REJECT_BUSY = (0x02, 0x03, 0x02)
+
+
+class SharedCount(Protocol):
+    """A counter shared between processes (``multiprocessing.Value("i")``)."""
+
+    value: int
+
+    def get_lock(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -78,16 +88,22 @@ class Receiver:
     """Owns the pynetdicom AE and its server; ``start()`` binds, ``stop()`` drains.
 
     ``reuse_port``: bind with SO_REUSEPORT, so that several receiver processes can serve
-    one port (see ``gastrolens.daemon.receivers``).
+    one port (see ``gastrolens.daemon.receivers``); ``node_associations``: the count of
+    negotiated associations shared by those processes, which keeps
+    ``max_associations`` a limit for the whole node.
     """
 
-    def __init__(self, settings: DicomSettings, ingest: Ingest, *, reuse_port: bool = False) -> None:
+    def __init__(self, settings: DicomSettings, ingest: Ingest, *, reuse_port: bool = False,
+                 node_associations: SharedCount | None = None) -> None:
         self.settings = settings
         self.ingest = ingest
         self.reuse_port = reuse_port
+        self.node_associations = node_associations
+        self._counted: set[int] = set()
         self.policy = AccessPolicy.from_settings(settings)
         self.ae = self._build_ae()
-        self.connections = ConnectionWatch(acse_timeout=settings.acse_timeout_seconds, on_drop=self._on_dropped)
+        self.connections = ConnectionWatch(acse_timeout=settings.acse_timeout_seconds, on_drop=self._on_dropped,
+                                           on_end=self._on_ended)
         self._server: HandshakeInThreadServer | None = None
         self._accepting = threading.Event()
 
@@ -166,7 +182,7 @@ class Receiver:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling_ae = str(primitive.calling_ae_title) if primitive is not None else ""
-        refusal = self.policy.refusal(calling_ae, assoc.requestor.address)
+        refusal = self.policy.refusal(calling_ae, assoc.requestor.address) or self._node_full(assoc)
         if refusal is None:
             return
         reason, fields = refusal
@@ -176,6 +192,25 @@ class Receiver:
         self.ingest.peer_event(PeerEvent(kind=PeerEventKind.REJECTED, actor=actor, reason=reason))  # before the peer hears
         assoc.acse.send_reject(*fields)
         assoc.kill()  # waits until the A-ASSOCIATE-RJ is out, as pynetdicom's own rejection does
+
+    def _node_full(self, assoc: Association) -> tuple[str, tuple[int, int, int]] | None:
+        """Count this association toward the node's limit, or say why it is refused."""
+        shared = self.node_associations
+        if shared is None:
+            return None
+        with shared.get_lock():
+            if shared.value >= self.settings.max_associations:
+                return (f"dicom.max_associations ({self.settings.max_associations}) reached across receiver processes",
+                        REJECT_BUSY)
+            shared.value += 1
+        self._counted.add(id(assoc))
+        return None
+
+    def _on_ended(self, assoc: Association) -> None:
+        if self.node_associations is not None and id(assoc) in self._counted:
+            self._counted.discard(id(assoc))
+            with self.node_associations.get_lock():
+                self.node_associations.value -= 1
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.connections.accepted(event.assoc)

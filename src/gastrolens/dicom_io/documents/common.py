@@ -98,6 +98,21 @@ _LOSSLESS_SYNTAXES = {
 }
 
 
+SINGLE_FRAME_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.77.1.1"})
+"""Secondary Capture and VL Endoscopic Image: IODs without a Multi-frame module."""
+
+
+def references_frames(header: Dataset) -> bool:
+    """Whether references to ``header`` name frames (Referenced Frame Number).
+
+    Only for instances of multi-frame IODs: for a Secondary Capture or VL Endoscopic
+    instance that carries several frames anyway, dciodvfy rejects frame numbers (the
+    referenced class "is not multi-frame"), so the instance is referenced as a whole and
+    the frame is named in the labels and tracking identifiers.
+    """
+    return "NumberOfFrames" in header and str(header.get("SOPClassUID", "")) not in SINGLE_FRAME_CLASSES
+
+
 def check_source(source: Dataset) -> None:
     """Raise OutputError unless ``source`` is an image we can derive outputs from."""
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):

@@ -198,7 +198,11 @@ def _sentinel_inputs(
 def _compile(kind: OutputKind, build: Callable[[Dataset, list[ImageFinding]], Dataset | None],
              source: Dataset, findings: Sequence[ImageFinding], model: ModelIdentity) -> Template | None:
     header, fake, names = _sentinel_inputs(source, findings, model)
-    ds = build(header, fake)
+    try:
+        ds = build(header, fake)
+    except Exception as exc:  # the reference path reports it, with the real values
+        logger.info("no %s template for this kind of source: the reference builder refused it (%s)", kind.value, exc)
+        return None
     if ds is None:
         return None
     try:

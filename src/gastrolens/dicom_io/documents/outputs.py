@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from gastrolens.config.schema import OutputSettings
 from gastrolens.dicom_io.documents.common import check_findings, check_source, now, save, source_header
 from gastrolens.dicom_io.documents.fast import TemplateRefused, build_fast
+from gastrolens.dicom_io.documents.normalise import normalise_source
 from gastrolens.dicom_io.documents.overlay import build_overlay
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, number_of_frames
 from gastrolens.dicom_io.documents.seg import build_segmentation
@@ -118,6 +119,10 @@ def write_outputs(
     lesion. Raises :class:`OutputError` for a bad source or findings, with nothing written.
     ``builder`` chooses the fast template path (default) or the reference builders; both
     write the same objects (tests/dicom_io/documents/test_fast_equivalence.py).
+
+    A header the builders would refuse (no Modality, an unknown character set, frames in
+    a single-frame IOD, misspelled defined terms, invalid dates) is repaired in a copy as
+    the standard allows (:mod:`normalise`); each repair is returned in ``quirks``.
     """
     started = time.thread_time()
     settings = settings or OutputSettings()
@@ -128,20 +133,22 @@ def write_outputs(
             frames = decode_rgb_frames(source)
         except DecodeError as exc:
             raise OutputError(f"cannot draw the overlay: {exc}") from exc
+    normalised = normalise_source(source)
+    header = normalised.header
     written: list[WrittenOutput] | None = None
     if builder is Builder.TEMPLATE:
         try:
-            written = _write_fast(source, findings, model, settings, frames, out_dir, fsync=fsync)
+            written = _write_fast(header, findings, model, settings, frames, out_dir, fsync=fsync)
         except TemplateRefused as exc:
             logger.info("the %s template was refused for instance %s; building with the reference path",
                         exc, source.SOPInstanceUID)
     if written is None:
-        written = _write_reference(source, findings, model, settings, frames, out_dir, fsync=fsync)
+        written = _write_reference(header, findings, model, settings, frames, out_dir, fsync=fsync)
     logger.info(
         "wrote %d output(s) for instance %s: %s",
         len(written), source.SOPInstanceUID, ", ".join(w.kind.value for w in written) or "none",
     )
-    return WrittenOutputs(written, cpu_seconds=time.thread_time() - started)
+    return WrittenOutputs(written, cpu_seconds=time.thread_time() - started, quirks=normalised.quirks)
 
 
 def _write_reference(

@@ -27,6 +27,7 @@ from gastrolens.dicom_io.documents.common import (
     model_comment,
     model_label,
     now,
+    references_frames,
     series_description,
     source_was_lossy,
 )
@@ -187,7 +188,7 @@ def build_overlay(
     source = Dataset()
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    if multiframe:
+    if references_frames(header):
         source.ReferencedFrameNumber = list(range(1, len(frames) + 1))
     ds.SourceImageSequence = [source]
     ds.DateOfSecondaryCapture = ds.ContentDate

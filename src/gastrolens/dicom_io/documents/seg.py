@@ -31,6 +31,7 @@ from gastrolens.dicom_io.documents.common import (
     SOFTWARE_VERSION,
     check_lo,
     model_comment,
+    references_frames,
     series_description,
 )
 from gastrolens.dicom_io.documents.read import number_of_frames
@@ -173,7 +174,8 @@ def build_segmentation(
     _fix_dimension_organization_uid(seg, dimension_organization_uid(source_uid, model.weights_sha256))
     if multiframe:
         _restore_source_class(seg, source_uid, header.SOPClassUID)
-        _reference_source_frames(seg, infos)
+        if references_frames(header):
+            _reference_source_frames(seg, infos)
     return seg, infos
 
 

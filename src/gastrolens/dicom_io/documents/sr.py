@@ -35,7 +35,14 @@ from pydicom.dataset import Dataset
 
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.dicom_io.documents import codes
-from gastrolens.dicom_io.documents.common import MANUFACTURER, check_lo, model_label, now, series_description
+from gastrolens.dicom_io.documents.common import (
+    MANUFACTURER,
+    check_lo,
+    model_label,
+    now,
+    references_frames,
+    series_description,
+)
 from gastrolens.dicom_io.documents.read import number_of_frames
 from gastrolens.dicom_io.documents.seg import SegmentInfo
 from gastrolens.dicom_io.documents.uids import (
@@ -100,7 +107,30 @@ def _probability(value: float) -> hd.sr.Measurement:
 
 def _frames(header: Dataset, frame: int) -> list[int] | None:
     """Referenced frame numbers: only for multi-frame sources (PS3.3 Table 10-3)."""
-    return [frame] if "NumberOfFrames" in header else None
+    return [frame] if references_frames(header) else None
+
+
+def _measured_in(header: Dataset, frame: int) -> hd.sr.SourceImageForMeasurementGroup:
+    """The source (frame) of a measurement group.
+
+    Built from its UIDs rather than ``from_source_image``, which reads multi-frame-ness
+    from the instance; :func:`common.references_frames` decides instead (a Secondary
+    Capture with NumberOfFrames 2 is referenced as a whole).
+    """
+    return hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=header.SOPClassUID,
+        referenced_sop_instance_uid=header.SOPInstanceUID,
+        referenced_frame_numbers=_frames(header, frame),
+    )
+
+
+def _segmented_in(header: Dataset, frame: int) -> hd.sr.SourceImageForSegmentation:
+    """The source (frame) a segment was made from (see :func:`_measured_in`)."""
+    return hd.sr.SourceImageForSegmentation(
+        referenced_sop_class_uid=header.SOPClassUID,
+        referenced_sop_instance_uid=header.SOPInstanceUID,
+        referenced_frame_numbers=_frames(header, frame),
+    )
 
 
 def _image_groups(
@@ -117,7 +147,7 @@ def _image_groups(
     by_frame = {info.source_frame: info for info in segments}
     groups: list = []
     for frame, finding in enumerate(findings, start=1):
-        source = hd.sr.SourceImageForMeasurementGroup.from_source_image(header, _frames(header, frame))
+        source = _measured_in(header, frame)
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -150,7 +180,7 @@ def _image_groups(
                     finding_sites=[site],
                     algorithm_id=algorithm,
                     measurements=[_probability(finding.probability(cls))],
-                    source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header, _frames(header, frame))],
+                    source_images=[_measured_in(header, frame)],
                 )
             )
         info = by_frame.get(frame)
@@ -165,9 +195,7 @@ def _image_groups(
                         sop_instance_uid=seg.SOPInstanceUID,
                         frame_number=info.seg_frame_number,
                         segment_number=info.segment_number,
-                        source_image=hd.sr.SourceImageForSegmentation.from_source_image(
-                            header, _frames(header, frame)
-                        ),
+                        source_image=_segmented_in(header, frame),
                     ),
                     finding_type=codes.class_code(info.lesion_class) if info.lesion_class else codes.LESION,
                     finding_sites=[site],
@@ -292,7 +320,7 @@ def build_study_sr(
     groups: list = []
     for evidence in conclusion.reported:
         sources = [
-            hd.sr.SourceImageForMeasurementGroup.from_source_image(images[i][0], _frames(images[i][0], images[i][1]))
+            _measured_in(images[i][0], images[i][1])
             for i in evidence.image_indices
         ]
         groups.append(

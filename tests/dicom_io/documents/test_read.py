@@ -133,3 +133,11 @@ def test_not_dicom_is_a_decode_error(tmp_path: Path):
     path.write_bytes(b"not dicom at all")
     with pytest.raises(DecodeError):
         decode_rgb_frames(path)
+
+
+def test_absurd_geometry_is_refused_before_decoding(frame):
+    """65535 x 65535 claimed in a few kilobytes: a DecodeError, nothing allocated."""
+    ds = make_source([frame])
+    ds.Rows = ds.Columns = 65535
+    with pytest.raises(DecodeError, match="cannot decode pixel data: .*65535"):
+        decode_rgb_frames(ds)

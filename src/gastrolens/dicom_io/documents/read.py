@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_voi_lut
 
+from gastrolens.dicom_io.documents.geometry import GeometryError, check_geometry
 from gastrolens.errors import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ def decode_rgb_frames(source: Dataset | Path) -> list[np.ndarray]:
     if not has_pixel_data(ds):
         raise DecodeError(f"instance {uid} has no pixel data")
     frames = number_of_frames(ds)
+    if "PixelData" in ds:
+        # Before the decoder allocates what the header claims (files stored before the
+        # receiver checked geometry, or written by anything else).
+        try:
+            check_geometry(ds)
+        except GeometryError as exc:
+            raise DecodeError(f"instance {uid}: cannot decode pixel data: {exc}") from exc
     try:
         array = ds.pixel_array
     except Exception as exc:  # pydicom raises many types (ValueError, RuntimeError, ...)

@@ -23,6 +23,7 @@ import uuid
 
 from pydicom.uid import UID
 
+from gastrolens.dicom_uid import is_dicom_uid
 from gastrolens.findings import OutputKind
 from gastrolens.errors import OutputError
 
@@ -31,7 +32,6 @@ _NAMESPACE = uuid.UUID("5b1d0f1e-6a43-5e0c-9b0c-6761737472f1")
 
 _SCHEME = "gastrolens-uid-v1"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 def _uid(*parts: str) -> UID:
@@ -40,7 +40,7 @@ def _uid(*parts: str) -> UID:
 
 
 def _check(source_uid: str, what: str, weights_sha256: str) -> None:
-    if not source_uid or len(source_uid) > 64 or not _UID_PATTERN.match(source_uid):
+    if not isinstance(source_uid, str) or not is_dicom_uid(source_uid):
         raise OutputError(f"{what} {source_uid!r} is not a valid UID")
     if not _SHA256.match(weights_sha256):
         raise OutputError(

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gastrolens import UNTRAINED_WARNING
+from gastrolens import UNTRAINED_WARNING, metrics
 from gastrolens.config.schema import ModelSettings
 from gastrolens.errors import DeviceError, ModelError
 from gastrolens.findings import ImageFinding, ModelIdentity
@@ -342,7 +342,14 @@ class Engine:
             yield self._run(prepared)
 
     def _prepare(self, images: list[np.ndarray], validated: bool) -> _Prepared:
-        """Host side: check and pack; on the CPU also find the field of view, crop, resize, normalise."""
+        """Host side: check and pack; on the CPU also find the field of view, crop, resize, normalise.
+
+        Runs in the engine's own thread, so its CPU time is counted toward the ``infer`` stage here.
+        """
+        with metrics.stage_cpu(metrics.Stage.INFER):
+            return self._prepare_batch(images, validated)
+
+    def _prepare_batch(self, images: list[np.ndarray], validated: bool) -> _Prepared:
         start = time.perf_counter()
         if not images:
             raise ModelError("empty batch: infer() needs at least one image")

@@ -337,12 +337,29 @@ def test_study_sr_end_to_end(tmp_path: Path):
     assert write_study_sr(study, tmp_path).output.sop_instance_uid == first.output.sop_instance_uid
 
 
-def test_study_sr_refuses_mixed_models(tmp_path: Path):
+def test_study_sr_names_every_model(tmp_path: Path):
+    """A model replaced while the study was open: one study SR naming both models; each
+    class group carries the model that judged its images; UIDs keyed by both hashes."""
+    from gastrolens.dicom_io.documents.uids import study_sr_instance_uid
+
+    from .synthetic import TRAINED
+
     study_uid = "1.2.826.0.1.3680043.8.498.4243"
     study = [scenario(study_uid=study_uid), scenario(study_uid=study_uid, model=UNTRAINED)]
-    with pytest.raises(OutputError, match="2 different models"):
-        write_study_sr(study, tmp_path)
-    assert_nothing_written(tmp_path)
+    report = write_study_sr(study, tmp_path)
+    assert_dciodvfy_clean(report.output.path)
+    dsrdump(report.output.path)
+    text = report.output.path.read_bytes()
+    for model in (TRAINED, UNTRAINED):
+        assert f"weights_sha256={model.weights_sha256}".encode() in text
+        assert report.output.sop_instance_uid != study_sr_instance_uid(study_uid, model.weights_sha256, 1)
+    assert UNTRAINED_WARNING in dcmread(report.output.path).SeriesDescription
+    groups = hd.sr.srread(report.output.path).content.get_image_measurement_groups()
+    peptic = [g for g in groups if g.finding_type is not None and codes.class_from_code(g.finding_type) is LesionClass.PU]
+    assert len(peptic) == 2  # one per model
+    assert write_study_sr(study, tmp_path / "again").output.sop_instance_uid == report.output.sop_instance_uid
+    single = write_study_sr(study[:1], tmp_path / "one")
+    assert single.output.sop_instance_uid == study_sr_instance_uid(study_uid, TRAINED.weights_sha256, 1)
 
 
 def test_a_non_boolean_mask_is_refused(tmp_path: Path):

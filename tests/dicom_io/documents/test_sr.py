@@ -9,7 +9,8 @@ from gastrolens.dicom_io.documents import codes
 from gastrolens.dicom_io.documents.common import check_findings, save, source_header
 from gastrolens.models.conclusion import aggregate_study
 from gastrolens.dicom_io.documents.seg import build_segmentation
-from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr, build_study_sr
+from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr
+from gastrolens.dicom_io.documents.study_sr import build_study_sr
 from gastrolens.findings import OutputKind
 from gastrolens.dicom_io.documents.uids import instance_uid, study_sr_instance_uid, study_sr_series_uid
 from gastrolens.errors import OutputError

@@ -27,7 +27,8 @@ from gastrolens.dicom_io.documents.normalise import normalise_source
 from gastrolens.dicom_io.documents.overlay import build_overlay
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, number_of_frames
 from gastrolens.dicom_io.documents.seg import build_segmentation
-from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr, build_study_sr
+from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr
+from gastrolens.dicom_io.documents.study_sr import build_study_sr
 from gastrolens.findings import OutputKind
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import ImageFinding, ModelIdentity
@@ -229,13 +230,14 @@ def write_study_sr(
     ``study`` pairs every source instance of the study (pixel data not needed) with its
     per-frame findings. The conclusion follows ``settings.study_priority`` and the
     per-lesion rule (:func:`conclusion.aggregate_study`, ``min_images``). A revision
-    after the first should name the SR it replaces in ``predecessor``.
+    after the first should name the SR it replaces in ``predecessor``. Findings from
+    several models give one SR that names them all (:mod:`study_sr`).
     """
     settings = settings or OutputSettings()
     if not study:
         raise OutputError("a study SR needs at least one source instance")
     headers: list[tuple[Dataset, Sequence[ImageFinding]]] = []
-    models: set[ModelIdentity] = set()
+    models: dict[ModelIdentity, None] = {}  # every model, in order of first appearance
     for source, findings in study:
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             if not source.get(keyword):
@@ -245,11 +247,12 @@ def write_study_sr(
                 f"source instance {source.SOPInstanceUID} has {number_of_frames(source)} frame(s) "
                 f"but {len(findings)} finding(s)"
             )
-        models.update(f.model for f in findings)
-        headers.append((source_header(source), findings))
-    if len(models) != 1:
-        raise OutputError(f"the study's findings come from {len(models)} different models")
-    model = models.pop()
+        models.update(dict.fromkeys(f.model for f in findings))
+        normalised = normalise_source(source)
+        header = normalised.header if normalised.quirks else source_header(source)
+        headers.append((header, findings))
+    if not models:
+        raise OutputError("the study has no findings")
     from gastrolens.models.conclusion import aggregate_study  # torch: only where study SRs are written
 
     try:
@@ -258,7 +261,7 @@ def write_study_sr(
         )
     except ValueError as exc:
         raise OutputError(f"study conclusion: {exc}") from exc
-    sr = build_study_sr(headers, model, conclusion, revision=revision, predecessor=predecessor)
+    sr = build_study_sr(headers, list(models), conclusion, revision=revision, predecessor=predecessor)
     (written,) = _write_all([(OutputKind.STUDY_SR, sr)], out_dir, fsync=fsync)
     logger.info(
         "wrote study SR revision %d for study %s: %s", revision, sr.StudyInstanceUID, conclusion.conclusion.value

@@ -12,7 +12,7 @@ Per source instance (``OutputKind.SR``), for every frame:
 - when the SEG has a segment for the frame, a TID 1410 group referencing that segment
   (its tracking UID is the segment's Tracking UID).
 
-Per study (``OutputKind.STUDY_SR``): one TID 1501 group per reported class (the images
+Per study (``OutputKind.STUDY_SR``, built in :mod:`study_sr`): one TID 1501 group per reported class (the images
 that show it and its highest probability) and an image-less "study conclusion" group
 whose Conclusion names the class chosen by :func:`conclusion.aggregate_study`.
 A revision names its predecessor in Predecessor Documents Sequence.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -50,14 +49,9 @@ from gastrolens.dicom_io.documents.uids import (
     derived_uid,
     instance_uid,
     series_uid,
-    study_sr_instance_uid,
-    study_sr_series_uid,
 )
 from gastrolens.errors import OutputError
 from gastrolens.findings import CLASS_ORDER, ImageFinding, ModelIdentity
-
-if TYPE_CHECKING:  # the models package imports torch: output workers must not
-    from gastrolens.models.conclusion import StudyConclusion
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +212,8 @@ def _report(
     groups: Sequence,
     referenced_images: Sequence[Dataset],
 ) -> hd.sr.MeasurementReport:
+    """TID 1500 around ``groups``; ``model`` is the observer (for a study judged by several
+    models, :mod:`study_sr` passes one identity that names them all)."""
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(model),
         procedure_reported=codes.ESOPHAGOGASTRODUODENOSCOPY,
@@ -291,89 +287,3 @@ def build_image_sr(
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"source instance {header.SOPInstanceUID}: highdicom refused the SR: {exc}") from exc
     return _finish(sr)
-
-
-def build_study_sr(
-    study: Sequence[tuple[Dataset, Sequence[ImageFinding]]],
-    model: ModelIdentity,
-    conclusion: StudyConclusion,
-    *,
-    revision: int = 1,
-    predecessor: PredecessorRef | None = None,
-) -> hd.sr.ComprehensiveSR:
-    """The study-level SR. ``study`` pairs each source header with its per-frame findings,
-    in the order whose flattened findings ``conclusion`` was computed from."""
-    if not study:
-        raise OutputError("a study SR needs at least one source instance")
-    study_uids = {header.StudyInstanceUID for header, _ in study}
-    if len(study_uids) != 1:
-        raise OutputError(f"a study SR covers one study, got {len(study_uids)}")
-    study_uid = study_uids.pop()
-    images: list[tuple[Dataset, int]] = [
-        (header, frame) for header, findings in study for frame in range(1, len(findings) + 1)
-    ]
-    if len(images) != conclusion.image_count:
-        raise OutputError(f"conclusion covers {conclusion.image_count} images, the study has {len(images)}")
-    sha = model.weights_sha256
-    algorithm = _algorithm(model)
-    site = hd.sr.FindingSite(anatomic_location=codes.STOMACH)
-    groups: list = []
-    for evidence in conclusion.reported:
-        sources = [
-            _measured_in(images[i][0], images[i][1])
-            for i in evidence.image_indices
-        ]
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derived_uid("study-class", study_uid, sha, evidence.lesion_class.value),
-                    identifier=f"study {evidence.lesion_class.value}",
-                ),
-                finding_type=codes.class_code(evidence.lesion_class),
-                finding_sites=[site],
-                algorithm_id=algorithm,
-                measurements=[_probability(evidence.max_probability)],
-                source_images=sources,
-            )
-        )
-    groups.append(
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derived_uid("study-conclusion", study_uid, sha), identifier="study conclusion"
-            ),
-            finding_sites=[site],
-            algorithm_id=algorithm,
-            qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(codes.CONCLUSION, codes.class_code(conclusion.conclusion))
-            ],
-        )
-    )
-    headers = [header for header, _ in study]
-    previous = None
-    if predecessor is not None:
-        pre = Dataset()
-        pre.SOPClassUID = predecessor.sop_class_uid
-        pre.SOPInstanceUID = predecessor.sop_instance_uid
-        pre.StudyInstanceUID = study_uid
-        pre.SeriesInstanceUID = predecessor.series_instance_uid
-        previous = [pre]
-    created = now()
-    try:
-        sr = hd.sr.ComprehensiveSR(
-            evidence=headers,
-            content=_report(model, groups, headers),
-            series_instance_uid=study_sr_series_uid(study_uid, sha),
-            series_number=STUDY_SR_SERIES_NUMBER,
-            sop_instance_uid=study_sr_instance_uid(study_uid, sha, revision),
-            instance_number=revision,
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            previous_versions=previous,
-            series_description=series_description("study SR", model),
-            content_date=created.date(),
-            content_time=created.time(),
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputError(f"study {study_uid}: highdicom refused the study SR: {exc}") from exc
-    return _finish(sr)
-

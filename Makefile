@@ -1,5 +1,8 @@
 # GastroLens: `make run` starts the daemon on the embedded default, `make test` runs the suite.
 # Both create .venv and install the Debian tools the tests use when they are missing.
+# `make check` lints (ruff) and type-checks (mypy); `make test` runs it first (CI runs `make test`).
+# `make test-fast`: the suite without the subprocess daemon, real peers (DCMTK, Orthanc,
+# Chromium) and PostgreSQL, for the edit-test loop; markers are set in tests/conftest.py.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -8,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test bootstrap debian-tools demo bench clean
+.PHONY: run test test-fast check bootstrap debian-tools demo bench clean
 
 bootstrap: $(STAMP) debian-tools
 
@@ -27,8 +30,15 @@ run: bootstrap
 	@echo "or try 'gastrolens demo' in another terminal ($(BIN)/gastrolens demo); Ctrl-C stops."
 	$(BIN)/gastrolens serve $(if $(CONFIG),--config $(CONFIG))
 
-test: bootstrap
+check: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+test: bootstrap check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not postgres and not daemon and not peer" $(PYTEST_ARGS)
 
 bench: bootstrap
 	$(BIN)/python bench/ingest.py

@@ -1,7 +1,14 @@
-"""Fixtures for the whole suite: databases (SQLite and PostgreSQL) and sample DICOM files."""
+"""Fixtures for the whole suite: databases (SQLite and PostgreSQL) and sample DICOM files.
+
+The collection hook below marks tests by what they use, so no test file has to say it:
+``postgres`` (a PostgreSQL parameter or fixture), ``daemon`` (`gastrolens serve` in a
+subprocess) and ``peer`` (DCMTK, Orthanc, Chromium). ``make test-fast`` leaves those three out.
+"""
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,3 +59,48 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-model")
     save_package(untrained_package(classifier_input_size=64, segmenter_input_size=65), folder)
     return folder
+
+
+# -- markers by what a test uses -----------------------------------------------------------------
+
+_DAEMON_FIXTURES = {"daemon", "daemons", "tls_daemon"}
+_DAEMON_CALLS = ("start_daemon(",)
+_DAEMON_FOLDERS = ("pipeline_e2e",)
+_PEER_FIXTURES = {"storescp", "orthanc_factory", "page", "browser", "context"}
+_PEER_CALLS = ("storescu(", "dcmtk(", "start_storescp(", "Orthanc(", "chromium", "playwright")
+_POSTGRES_FIXTURES = {"postgres_url"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        fixtures = set(item.fixturenames)
+        source = _source_with_local_helpers(item.function)
+        parts = item.path.parts
+        if fixtures & _DAEMON_FIXTURES or any(c in source for c in _DAEMON_CALLS) or \
+                any(folder in parts for folder in _DAEMON_FOLDERS):
+            item.add_marker(pytest.mark.daemon)
+        if fixtures & _PEER_FIXTURES or any(c in source for c in _PEER_CALLS) or "chromium" in item.path.name:
+            item.add_marker(pytest.mark.peer)
+        params = item.callspec.params.values() if hasattr(item, "callspec") else ()
+        if fixtures & _POSTGRES_FIXTURES or any(isinstance(v, str) and v == "postgresql" for v in params):
+            item.add_marker(pytest.mark.postgres)
+
+
+def _source_with_local_helpers(function: types.FunctionType) -> str:
+    """The test's source plus that of the module's own functions it calls (one level): a test that
+    sends through a local ``_send()`` helper is a peer test as much as one calling storescu itself."""
+    try:
+        texts = [inspect.getsource(function)]
+    except (OSError, TypeError):
+        return ""
+    module = inspect.getmodule(function)
+    for name in function.__code__.co_names:
+        helper = getattr(module, name, None)
+        if isinstance(helper, types.FunctionType) and helper.__module__ == function.__module__:
+            try:
+                texts.append(inspect.getsource(helper))
+            except (OSError, TypeError):
+                pass
+    return "\n".join(texts)

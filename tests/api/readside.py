@@ -34,10 +34,9 @@ from gastrolens.config import Settings
 from gastrolens.db import Database
 from gastrolens.db.instances import VersionPlan, record_instance
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState
-from gastrolens.findings import OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study
 from gastrolens.dicom_io.net.inspect import InstanceHeader
-from gastrolens.findings import CLASS_ORDER, LesionClass
+from gastrolens.findings import CLASS_ORDER, LesionClass, OutputKind
 from gastrolens.samples import SECONDARY_CAPTURE, as_dicom, endoscopy_frame
 
 VIEWER_TOKEN = "viewer-token-for-tests-0123456789"
@@ -117,7 +116,7 @@ class _Writer:
         sops: list[str] = []
         overlays: dict[str, str] = {}
         with self.db.session() as session:
-            for n, (cls, state) in enumerate(zip(classes, states)):
+            for n, (cls, state) in enumerate(zip(classes, states, strict=True)):
                 sop = generate_uid()
                 header = InstanceHeader(
                     study_uid=study_uid, series_uid=series_uid, sop_uid=sop,
@@ -156,29 +155,48 @@ class _Writer:
     def _outputs(self, session, instance: Instance, study_uid: str, cls: LesionClass, confidence: float,  # type: ignore[no-untyped-def]
                  delivery_states: list[DeliveryState] | None, n: int) -> str:
         overlay_uid = ""
-        for kind, sop_class in ((OutputKind.SEG, SEG), (OutputKind.SR, COMPREHENSIVE_SR), (OutputKind.OVERLAY, SECONDARY_CAPTURE)):
+        kinds = ((OutputKind.SEG, SEG), (OutputKind.SR, COMPREHENSIVE_SR), (OutputKind.OVERLAY, SECONDARY_CAPTURE))
+        for kind, sop_class in kinds:
             sop = generate_uid()
             path = f"outputs/{study_uid}/{kind.value}-{sop}.dcm"
             if kind is OutputKind.OVERLAY:
                 overlay_uid = sop
                 self.seed += 1
-                ds = as_dicom(_overlay_frame(cls, self.seed, confidence), sop_class=SECONDARY_CAPTURE,
-                              study_uid=study_uid, sop_uid=sop, instance_number=n + 1)
+                ds = as_dicom(
+                    _overlay_frame(cls, self.seed, confidence),
+                    sop_class=SECONDARY_CAPTURE,
+                    study_uid=study_uid,
+                    sop_uid=sop,
+                    instance_number=n + 1,
+                )
                 (self.storage / path).parent.mkdir(parents=True, exist_ok=True)
                 ds.save_as(self.storage / path, enforce_file_format=True)
-            output = Output(kind=kind, study_id=instance.study_id, instance_id=instance.id, sop_instance_uid=sop,
-                            series_instance_uid=generate_uid(), sop_class_uid=sop_class, file_path=path,
-                            model_sha256=MODEL_SHA)
+            output = Output(
+                kind=kind,
+                study_id=instance.study_id,
+                instance_id=instance.id,
+                sop_instance_uid=sop,
+                series_instance_uid=generate_uid(),
+                sop_class_uid=sop_class,
+                file_path=path,
+                model_sha256=MODEL_SHA,
+            )
             session.add(output)
             session.flush()
             state = (delivery_states or [DeliveryState.SENT])[n % len(delivery_states or [DeliveryState.SENT])]
             if kind is not OutputKind.OVERLAY:
                 state = DeliveryState.SENT
-            session.add(Delivery(
-                output_id=output.id, destination="pacs", state=state, attempts=8 if state == DeliveryState.DEAD else 1,
-                last_status=0xA700 if state == DeliveryState.DEAD else 0,
-                last_error="C-STORE refused: 0xA700 out of resources" if state == DeliveryState.DEAD else None,
-                sent_at=datetime.now(timezone.utc) if state == DeliveryState.SENT else None))
+            session.add(
+                Delivery(
+                    output_id=output.id,
+                    destination="pacs",
+                    state=state,
+                    attempts=8 if state == DeliveryState.DEAD else 1,
+                    last_status=0xA700 if state == DeliveryState.DEAD else 0,
+                    last_error="C-STORE refused: 0xA700 out of resources" if state == DeliveryState.DEAD else None,
+                    sent_at=datetime.now(timezone.utc) if state == DeliveryState.SENT else None,
+                )
+            )
         return overlay_uid
 
     def _study_report(self, session, study_uid: str, conclusion: str) -> None:  # type: ignore[no-untyped-def]
@@ -186,13 +204,28 @@ class _Writer:
         study.conclusion = conclusion
         study.report_revision = 1
         study.reported_at = datetime.now(timezone.utc)
-        output = Output(kind=OutputKind.STUDY_SR, study_id=study.id, instance_id=None, sop_instance_uid=generate_uid(),
-                        series_instance_uid=generate_uid(), sop_class_uid=COMPREHENSIVE_SR,
-                        file_path=f"outputs/{study_uid}/study-sr.dcm", model_sha256=MODEL_SHA)
+        output = Output(
+            kind=OutputKind.STUDY_SR,
+            study_id=study.id,
+            instance_id=None,
+            sop_instance_uid=generate_uid(),
+            series_instance_uid=generate_uid(),
+            sop_class_uid=COMPREHENSIVE_SR,
+            file_path=f"outputs/{study_uid}/study-sr.dcm",
+            model_sha256=MODEL_SHA,
+        )
         session.add(output)
         session.flush()
-        session.add(Delivery(output_id=output.id, destination="pacs", state=DeliveryState.SENT, attempts=1,
-                             last_status=0, sent_at=datetime.now(timezone.utc)))
+        session.add(
+            Delivery(
+                output_id=output.id,
+                destination="pacs",
+                state=DeliveryState.SENT,
+                attempts=1,
+                last_status=0,
+                sent_at=datetime.now(timezone.utc),
+            )
+        )
 
 
 def fill(db: Database, storage: Path) -> Filled:
@@ -201,36 +234,77 @@ def fill(db: Database, storage: Path) -> Filled:
     base = datetime.now(timezone.utc) - timedelta(hours=2)
     extra = []
     for k in range(EXTRA_STUDIES):
-        uid, _, _ = writer.study(patient_id=f"PID-1{k:03d}", patient_name=f"Extra^Patient{k}", accession=f"ACC20{k:02d}",
-                                 study_date="20250228", classes=[LesionClass.NORMAL], conclusion="normal",
-                                 received_at=base - timedelta(minutes=10 * (k + 1)))
+        uid, _, _ = writer.study(
+            patient_id=f"PID-1{k:03d}",
+            patient_name=f"Extra^Patient{k}",
+            accession=f"ACC20{k:02d}",
+            study_date="20250228",
+            classes=[LesionClass.NORMAL],
+            conclusion="normal",
+            received_at=base - timedelta(minutes=10 * (k + 1)),
+        )
         extra.append(uid)
     complete, complete_imgs, complete_ov = writer.study(
-        patient_id="PID-0001", patient_name="Zhang^Liming", accession="ACC1001", study_date="20250301",
+        patient_id="PID-0001",
+        patient_name="Zhang^Liming",
+        accession="ACC1001",
+        study_date="20250301",
         classes=[LesionClass.NORMAL, LesionClass.NORMAL, LesionClass.PU, LesionClass.EGC_HGIN],
-        conclusion=LesionClass.EGC_HGIN.value, received_at=base)
+        conclusion=LesionClass.EGC_HGIN.value,
+        received_at=base,
+    )
     dead, dead_imgs, dead_ov = writer.study(
-        patient_id="PID-0002", patient_name="Müller^Anna", accession="ACC1002", study_date="20250302",
-        classes=[LesionClass.AGC, LesionClass.NORMAL, LesionClass.SMT], conclusion=LesionClass.AGC.value,
+        patient_id="PID-0002",
+        patient_name="Müller^Anna",
+        accession="ACC1002",
+        study_date="20250302",
+        classes=[LesionClass.AGC, LesionClass.NORMAL, LesionClass.SMT],
+        conclusion=LesionClass.AGC.value,
         delivery_states=[DeliveryState.DEAD, DeliveryState.SENT, DeliveryState.SENT],
-        received_at=base + timedelta(minutes=20))
+        received_at=base + timedelta(minutes=20),
+    )
     missing = dead_ov[dead_imgs[1]]
     with db.session() as session:
         path = session.query(Output.file_path).filter_by(sop_instance_uid=missing).scalar()
     (storage / path).unlink()
     queued, queued_imgs, _ = writer.study(
-        patient_id="PID-0003", patient_name="O'Brien^Sean", accession="ACC1003", study_date="",
-        classes=[None, None], states=[InstanceState.RECEIVED, InstanceState.FAILED], untrained=True,
-        received_at=base + timedelta(minutes=40))
+        patient_id="PID-0003",
+        patient_name="O'Brien^Sean",
+        accession="ACC1003",
+        study_date="",
+        classes=[None, None],
+        states=[InstanceState.RECEIVED, InstanceState.FAILED],
+        untrained=True,
+        received_at=base + timedelta(minutes=40),
+    )
     with db.session() as session:  # the untrained flag lives on results; give the queued study one
         failed = session.query(Instance).filter_by(sop_instance_uid=queued_imgs[1]).one()
-        session.add(Result(instance_id=failed.id, frame_number=1, predicted_class="normal", lesion_present=False,
-                           lesion_area_fraction=0.0, bbox=None, model_name="GastroLens-R34",
-                           model_version="0.0.0-untrained", model_sha256=UNTRAINED_SHA, untrained=True,
-                           timings={}, **_probabilities(LesionClass.NORMAL, 0.4)))
-    return Filled(complete=complete, dead=dead, queued=queued, extra=extra,
-                  images={complete: complete_imgs, dead: dead_imgs, queued: queued_imgs},
-                  overlays={**complete_ov, **dead_ov}, missing_overlay=missing, failed_image=queued_imgs[1])
+        session.add(
+            Result(
+                instance_id=failed.id,
+                frame_number=1,
+                predicted_class="normal",
+                lesion_present=False,
+                lesion_area_fraction=0.0,
+                bbox=None,
+                model_name="GastroLens-R34",
+                model_version="0.0.0-untrained",
+                model_sha256=UNTRAINED_SHA,
+                untrained=True,
+                timings={},
+                **_probabilities(LesionClass.NORMAL, 0.4),
+            )
+        )
+    return Filled(
+        complete=complete,
+        dead=dead,
+        queued=queued,
+        extra=extra,
+        images={complete: complete_imgs, dead: dead_imgs, queued: queued_imgs},
+        overlays={**complete_ov, **dead_ov},
+        missing_overlay=missing,
+        failed_image=queued_imgs[1],
+    )
 
 
 @dataclass
@@ -252,7 +326,9 @@ def make_node(url: str, storage: Path) -> Node:
 
 
 @contextmanager
-def serving(node: Node, *, health_probe: HealthProbe | None = None, **settings_overrides: bool) -> Iterator[httpx.Client]:
+def serving(
+    node: Node, *, health_probe: HealthProbe | None = None, **settings_overrides: bool
+) -> Iterator[httpx.Client]:
     """The node's API on a real uvicorn socket (an ephemeral port); yields a client for it."""
     settings = settings_for(node.url, node.storage, **settings_overrides) if settings_overrides else node.settings
     server = ApiServer(settings, node.db, store_root=node.storage, health_probe=health_probe)

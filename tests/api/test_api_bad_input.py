@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from .readside import VIEWER, AUDITOR, Node
+from .readside import AUDITOR, VIEWER, Node
 
 SQL = "' OR 1=1 --"
 
@@ -84,7 +84,7 @@ def test_sql_in_a_filter_reaches_no_query_and_changes_nothing(sqlite_api: httpx.
 def test_unknown_routes_and_methods_are_4xx(sqlite_api: httpx.Client) -> None:
     assert sqlite_api.get("/api/patients", headers=VIEWER).status_code == 404
     assert sqlite_api.post("/api/studies", headers=VIEWER).status_code == 405
-    assert sqlite_api.delete(f"/api/studies/1.2.3", headers=VIEWER).status_code == 405
+    assert sqlite_api.delete("/api/studies/1.2.3", headers=VIEWER).status_code == 405
 
 
 def test_an_oversized_token_is_refused_before_hashing(sqlite_api: httpx.Client) -> None:

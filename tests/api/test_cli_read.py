@@ -21,7 +21,9 @@ from .readside import Node, query_events
 @pytest.fixture(scope="module")
 def config(sqlite_node: Node, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("cli") / "gastrolens.toml"
-    path.write_text(f'[database]\nurl = "{sqlite_node.url}"\n\n[storage]\nroot = "{sqlite_node.storage}"\nmin_free_mb = 1\n')
+    path.write_text(
+        f'[database]\nurl = "{sqlite_node.url}"\n\n[storage]\nroot = "{sqlite_node.storage}"\nmin_free_mb = 1\n'
+    )
     return str(path)
 
 
@@ -36,15 +38,29 @@ def test_results_table_lists_studies_and_is_audited(capsys, config: str, sqlite_
     code, out, _ = run(capsys, "results", "--config", config, "--from", "2025-03-01", "--to", "2025-03-02")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["STUDY", "DATE", "PATIENT", "ID", "ACCESSION", "IMAGES", "FINDINGS", "CONCLUSION",
-                                "STATE", "STUDY", "UID"]
+    assert lines[0].split() == [
+        "STUDY",
+        "DATE",
+        "PATIENT",
+        "ID",
+        "ACCESSION",
+        "IMAGES",
+        "FINDINGS",
+        "CONCLUSION",
+        "STATE",
+        "STUDY",
+        "UID",
+    ]
     assert "PID-0002" in lines[1] and "agc" in lines[1] and "delivery_dead" in lines[1]
     assert "PID-0001" in lines[2] and "egc_hgin:1" in lines[2] and "complete" in lines[2]
     assert lines[-1] == "1-2 of 2 studies"
     (event,) = query_events(sqlite_node)[before:]
     assert event.actor.startswith("cli:")
-    assert json.loads(event.detail) == {"command": "results", "rows": 2, "filter": {
-        "date_from": "2025-03-01", "date_to": "2025-03-02", "limit": 50, "offset": 0}}
+    assert json.loads(event.detail) == {
+        "command": "results",
+        "rows": 2,
+        "filter": {"date_from": "2025-03-01", "date_to": "2025-03-02", "limit": 50, "offset": 0},
+    }
 
 
 def test_results_json_and_csv(capsys, config: str, sqlite_node: Node) -> None:  # type: ignore[no-untyped-def]
@@ -59,13 +75,16 @@ def test_results_json_and_csv(capsys, config: str, sqlite_node: Node) -> None:  
     assert rows[2]["findings"] == "egc_hgin=1;normal=2;pu=1"
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--patient-id", "' OR 1=1 --"], "patient_id: may hold only"),
-    (["--from", "March"], "date_from: must be an ISO date"),
-    (["--finding", "tumour"], "finding: must be one of"),
-    (["--limit", "100000"], "limit: Input should be less than or equal to 500"),
-    (["--study-uid", "1.2.03"], "study_uid: not a DICOM UID"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--patient-id", "' OR 1=1 --"], "patient_id: may hold only"),
+        (["--from", "March"], "date_from: must be an ISO date"),
+        (["--finding", "tumour"], "finding: must be one of"),
+        (["--limit", "100000"], "limit: Input should be less than or equal to 500"),
+        (["--study-uid", "1.2.03"], "study_uid: not a DICOM UID"),
+    ],
+)
 def test_results_rejects_bad_filters(capsys, config: str, argv: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
     code, out, err = run(capsys, "results", "--config", config, *argv)
     assert code == 2 and out == ""
@@ -99,8 +118,21 @@ def test_results_show_unknown_or_malformed_uid(capsys, config: str) -> None:  # 
 
 def test_audit_export_json_verifies_and_is_audited(capsys, config: str, sqlite_node: Node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     target = tmp_path / "audit.json"
-    code, _, err = run(capsys, "audit", "export", "--config", config, "--since", "2000-01-01",
-                       "--until", "2100-01-01", "--format", "json", "--output", str(target))
+    code, _, err = run(
+        capsys,
+        "audit",
+        "export",
+        "--config",
+        config,
+        "--since",
+        "2000-01-01",
+        "--until",
+        "2100-01-01",
+        "--format",
+        "json",
+        "--output",
+        str(target),
+    )
     assert code == 0 and "chain intact" in err
     document = json.loads(target.read_text())
     assert document["format"] == "gastrolens-audit-export/1"
@@ -128,9 +160,25 @@ def test_audit_export_json_verifies_and_is_audited(capsys, config: str, sqlite_n
 
 def test_audit_export_csv_of_one_type_verifies_with_gaps(capsys, config: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     target = tmp_path / "audit.csv"
-    code, _, _ = run(capsys, "audit", "export", "--config", config, "--since", "2000-01-01T00:00:00Z",
-                     "--until", "2100-01-01", "--type", "query", "--type", "audit.exported", "--format", "csv",
-                     "-o", str(target))
+    code, _, _ = run(
+        capsys,
+        "audit",
+        "export",
+        "--config",
+        config,
+        "--since",
+        "2000-01-01T00:00:00Z",
+        "--until",
+        "2100-01-01",
+        "--type",
+        "query",
+        "--type",
+        "audit.exported",
+        "--format",
+        "csv",
+        "-o",
+        str(target),
+    )
     assert code == 0
     rows = list(csv.DictReader(target.open()))
     assert rows and {r["event_type"] for r in rows} <= {"query", "audit.exported"}
@@ -143,8 +191,19 @@ def test_audit_export_period_and_bad_arguments(capsys, config: str) -> None:  # 
     assert code == 0 and json.loads(out)["events"] == []
     code, _, err = run(capsys, "audit", "export", "--config", config, "--since", "tomorrow", "--until", "2100-01-01")
     assert code == 2 and "--since" in err
-    code, _, err = run(capsys, "audit", "export", "--config", config, "--since", "2000-01-01", "--until", "2100-01-01",
-                       "--type", "made.up")
+    code, _, err = run(
+        capsys,
+        "audit",
+        "export",
+        "--config",
+        config,
+        "--since",
+        "2000-01-01",
+        "--until",
+        "2100-01-01",
+        "--type",
+        "made.up",
+    )
     assert code == 2 and "must be one of" in err
 
 
@@ -159,10 +218,10 @@ def test_api_token_prints_a_token_and_the_table_that_admits_it(capsys) -> None: 
     code, out, _ = run(capsys, "api", "token", "night-shift", "--role", "auditor")
     assert code == 0
     token = out.split("\n\n")[1].strip()
-    table = tomllib.loads(out[out.index("[[api.tokens]]"):])["api"]["tokens"][0]
+    table = tomllib.loads(out[out.index("[[api.tokens]]") :])["api"]["tokens"][0]
     assert table["name"] == "night-shift" and table["role"] == "auditor"
     principal = TokenRegistry([APIToken(**table)]).identify(token)
     assert principal is not None and principal.name == "night-shift"
-    assert token not in out[out.index("[[api.tokens]]"):]
+    assert token not in out[out.index("[[api.tokens]]") :]
     code, _, err = run(capsys, "api", "token", 'bad"name')
     assert code == 2 and "NAME" in err

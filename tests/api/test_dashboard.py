@@ -10,8 +10,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from gastrolens.api.dashboard import COOKIE_MAX_AGE
 from gastrolens.api.context import COOKIE
+from gastrolens.api.dashboard import COOKIE_MAX_AGE
 
 from .readside import AUDITOR_TOKEN, VIEWER, VIEWER_TOKEN, Node, query_events
 
@@ -65,7 +65,9 @@ def test_a_token_in_the_address_becomes_a_cookie_and_leaves_the_address(sqlite_a
     assert "wrong" not in wrong.headers["location"]
 
 
-def test_study_list_and_page_show_conclusion_probabilities_and_overlays(sqlite_api: httpx.Client, sqlite_node: Node) -> None:
+def test_study_list_and_page_show_conclusion_probabilities_and_overlays(
+    sqlite_api: httpx.Client, sqlite_node: Node
+) -> None:
     client = signed_in(sqlite_api)
     f = sqlite_node.filled
     listing = client.get("/studies")
@@ -144,6 +146,7 @@ def test_api_accepts_the_dashboard_cookie(sqlite_api: httpx.Client) -> None:
 
 
 def test_an_oversized_sign_in_form_is_refused(sqlite_api: httpx.Client) -> None:
-    response = sqlite_api.post("/login", content=b"token=" + b"x" * 20_000,
-                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = sqlite_api.post(
+        "/login", content=b"token=" + b"x" * 20_000, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert response.status_code == 413 and "set-cookie" not in response.headers

@@ -56,7 +56,9 @@ def test_study_list_and_study_page_in_chromium(sqlite_node: Node) -> None:
             expect(images).to_have_count(4)
             for n in range(4):  # every thumbnail decoded (naturalWidth is 0 for a broken image)
                 images.nth(n).scroll_into_view_if_needed()
-                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=images.nth(n).element_handle())
+                page.wait_for_function(
+                    "img => img.complete && img.naturalWidth > 0", arg=images.nth(n).element_handle()
+                )
             expect(page.locator("#outputs tbody tr")).to_have_count(13)
             page.screenshot(path=str(ARTIFACTS / "dashboard-study.png"), full_page=True)
 

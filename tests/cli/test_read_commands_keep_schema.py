@@ -68,7 +68,9 @@ def test_a_read_command_on_an_empty_database_says_so(capsys: pytest.CaptureFixtu
     assert _revision(url) is None
 
 
-def test_a_read_command_without_a_database_file_creates_none(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_a_read_command_without_a_database_file_creates_none(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     path = tmp_path / "var" / "gastrolens.db"
     code, _, err = _run(capsys, ["audit", "verify"], _config(tmp_path, f"sqlite:///{path}"))
     assert code != 0 and f"no database at {path}" in err and "gastrolens db upgrade" in err

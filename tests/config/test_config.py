@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gastrolens.config import Settings, load_settings
 from gastrolens.errors import ConfigError
@@ -35,7 +36,11 @@ def test_defaults_are_the_embedded_profile(tmp_path, monkeypatch):
         ("[model]\ndevice = 'tpu'\n", "model.device", "tpu"),
         ("[database]\nurl = 'mysql://x'\n", "database.url", "unsupported database"),
         ("[[destinations]]\nname = 'pacs'\nhost = 'h'\n", "destinations.0", "ae_title, host and port"),
-        ("[dicom.tls]\nenabled = true\ncert = '/nonexistent/cert.pem'\nkey = '/nonexistent/key.pem'\n", "dicom.tls", "cannot read /nonexistent/cert.pem"),
+        (
+            "[dicom.tls]\nenabled = true\ncert = '/nonexistent/cert.pem'\nkey = '/nonexistent/key.pem'\n",
+            "dicom.tls",
+            "cannot read /nonexistent/cert.pem",
+        ),
         ("[outputs]\nstudy_priority = ['agc']\n", "outputs.study_priority", "exactly once"),
         ("[nosuchsection]\nx = 1\n", "nosuchsection", "unknown key"),
     ],
@@ -73,7 +78,9 @@ def test_bad_environment_value_names_the_variable(tmp_path):
     path = write(tmp_path, f"[storage]\nroot = '{tmp_path / 'st'}'\n")
     with pytest.raises(ConfigError) as caught:
         load_settings(path, environ={"GASTROLENS_SCHEDULER__INTERVAL_SECONDS": "-1"})
-    assert "GASTROLENS_SCHEDULER__INTERVAL_SECONDS" in str(caught.value) and "scheduler.interval_seconds" in str(caught.value)
+    assert "GASTROLENS_SCHEDULER__INTERVAL_SECONDS" in str(caught.value) and "scheduler.interval_seconds" in str(
+        caught.value
+    )
 
 
 def test_config_file_from_environment(tmp_path):
@@ -82,7 +89,7 @@ def test_config_file_from_environment(tmp_path):
 
 
 def test_settings_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         Settings().dicom.port = 1  # type: ignore[misc]
 
 
@@ -92,8 +99,11 @@ def test_relative_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypat
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    path = write(folder, "[storage]\nroot = 'data/storage'\n[database]\nurl = 'sqlite:///data/gastrolens.db'\n"
-                         "[model]\npackage = 'models/r34'\n[[destinations]]\nname = 'export'\nfolder = 'export'\n")
+    path = write(
+        folder,
+        "[storage]\nroot = 'data/storage'\n[database]\nurl = 'sqlite:///data/gastrolens.db'\n"
+        "[model]\npackage = 'models/r34'\n[[destinations]]\nname = 'export'\nfolder = 'export'\n",
+    )
     settings = load_settings(path, environ={})
     assert settings.storage.root == folder / "data" / "storage"
     assert settings.database.url == f"sqlite:///{folder / 'data' / 'gastrolens.db'}"
@@ -110,7 +120,11 @@ def test_a_relative_config_path_resolves_against_its_folder_too(tmp_path, monkey
 
 
 def test_absolute_and_non_file_database_urls_are_kept(tmp_path):
-    for url in (f"sqlite:///{tmp_path / 'abs.db'}", "sqlite:///:memory:", "postgresql+psycopg://gl@db.example/gastrolens"):
+    for url in (
+        f"sqlite:///{tmp_path / 'abs.db'}",
+        "sqlite:///:memory:",
+        "postgresql+psycopg://gl@db.example/gastrolens",
+    ):
         path = write(tmp_path, f"[storage]\nroot = '{tmp_path / 'st'}'\n[database]\nurl = '{url}'\n")
         assert load_settings(path, environ={}).database.url == url
 

@@ -55,12 +55,16 @@ class Node:
     settings: Settings
 
     def step(self, store: Store | None = None, chunk: int = 2) -> RetentionStep:
-        return RetentionStep(self.settings, self.db, store or Store(self.root, fsync=False), "retention-test", chunk=chunk)
+        return RetentionStep(
+            self.settings, self.db, store or Store(self.root, fsync=False), "retention-test", chunk=chunk
+        )
 
     def live_rows_with_missing_files(self) -> list[str]:
         with self.db.read_session() as s:
-            live = [*s.scalars(select(Instance.file_path).where(Instance.removed_at.is_(None))),
-                    *s.scalars(select(Output.file_path).where(Output.removed_at.is_(None)))]
+            live = [
+                *s.scalars(select(Instance.file_path).where(Instance.removed_at.is_(None))),
+                *s.scalars(select(Output.file_path).where(Output.removed_at.is_(None))),
+            ]
         return [p for p in live if not (self.root / p).exists()]
 
     def count(self, model: type[Instance] | type[Output], *, removed: bool) -> int:
@@ -70,8 +74,14 @@ class Node:
 
     def audited_removals(self) -> int:
         with self.db.read_session() as s:
-            return int(s.scalar(select(func.count()).select_from(AuditEvent)
-                                .where(AuditEvent.event_type == AuditEventType.RETENTION_REMOVED)) or 0)
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(AuditEvent)
+                    .where(AuditEvent.event_type == AuditEventType.RETENTION_REMOVED)
+                )
+                or 0
+            )
 
     def files(self) -> set[str]:
         return {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
@@ -81,8 +91,13 @@ class Node:
 def node(tmp_path: Path, db_url: str) -> Iterator[Node]:
     db = Database(db_url)
     db.upgrade()
-    settings = Settings.model_validate({"database": {"url": db_url}, "retention": {"enabled": True, "days": DAYS},
-                                        "storage": {"root": str(tmp_path / "storage"), "min_free_mb": 1}})
+    settings = Settings.model_validate(
+        {
+            "database": {"url": db_url},
+            "retention": {"enabled": True, "days": DAYS},
+            "storage": {"root": str(tmp_path / "storage"), "min_free_mb": 1},
+        }
+    )
     yield Node(db, tmp_path / "storage", settings)
     db.dispose()
 
@@ -102,16 +117,32 @@ def _fill(node: Node, images: int, delivery: DeliveryState = DeliveryState.SENT)
             sop = generate_uid()
             path = store.instance_path(study_uid, series_uid, sop, 1)
             store.write(path, b"instance")
-            instance = Instance(sop_instance_uid=sop, series_id=series.id, study_id=study.id, sop_class_uid=SC,
-                                transfer_syntax_uid=EXPLICIT_LE, state=InstanceState.DONE, file_path=path,
-                                sha256="0" * 64, size_bytes=8)
+            instance = Instance(
+                sop_instance_uid=sop,
+                series_id=series.id,
+                study_id=study.id,
+                sop_class_uid=SC,
+                transfer_syntax_uid=EXPLICIT_LE,
+                state=InstanceState.DONE,
+                file_path=path,
+                sha256="0" * 64,
+                size_bytes=8,
+            )
             s.add(instance)
             s.flush()
             overlay = generate_uid()
             out_path = f"outputs/{study_uid}/overlay/{overlay}.dcm"
             store.write(out_path, b"overlay")
-            output = Output(kind=OutputKind.OVERLAY, study_id=study.id, instance_id=instance.id, sop_instance_uid=overlay,
-                            series_instance_uid=generate_uid(), sop_class_uid=SC, file_path=out_path, model_sha256="1" * 64)
+            output = Output(
+                kind=OutputKind.OVERLAY,
+                study_id=study.id,
+                instance_id=instance.id,
+                sop_instance_uid=overlay,
+                series_instance_uid=generate_uid(),
+                sop_class_uid=SC,
+                file_path=out_path,
+                model_sha256="1" * 64,
+            )
             s.add(output)
             s.flush()
             s.add(Delivery(output_id=output.id, destination="pacs", state=delivery))

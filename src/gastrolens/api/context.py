@@ -68,19 +68,31 @@ class ApiContext:
             result = query(session)
             count = rows(result)
         with self.db.session() as session:
-            audit.record(session, audit.Event(
-                type=AuditEventType.QUERY, actor=principal.actor, outcome=Outcome.SUCCESS, study_uid=study_uid, sop_uid=sop_uid,
-                detail={"path": request.url.path, "filter": dict(criteria or {}), "rows": count},
-            ))
+            audit.record(
+                session,
+                audit.Event(
+                    type=AuditEventType.QUERY,
+                    actor=principal.actor,
+                    outcome=Outcome.SUCCESS,
+                    study_uid=study_uid,
+                    sop_uid=sop_uid,
+                    detail={"path": request.url.path, "filter": dict(criteria or {}), "rows": count},
+                ),
+            )
         return result
 
     def refuse(self, principal: Principal, request: Request, needed: Role) -> None:
         """Audit a read that a valid token's role does not allow."""
         with self.db.session() as session:
-            audit.record(session, audit.Event(
-                type=AuditEventType.QUERY, actor=principal.actor, outcome=Outcome.FAILURE,
-                detail={"path": request.url.path, "refused": f"role {principal.role.value}, needs {needed.value}"},
-            ))
+            audit.record(
+                session,
+                audit.Event(
+                    type=AuditEventType.QUERY,
+                    actor=principal.actor,
+                    outcome=Outcome.FAILURE,
+                    detail={"path": request.url.path, "refused": f"role {principal.role.value}, needs {needed.value}"},
+                ),
+            )
 
 
 def context_of(request: Request) -> ApiContext:
@@ -100,10 +112,18 @@ def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None
     ctx = context_of(request)
     principal = ctx.tokens.identify(presented_token(request, credentials))
     if principal is None:
-        log.warning("refused %s %s from %s: no valid token", request.method, request.url.path,
-                    request.client.host if request.client else "?")
-        raise ApiError(401, "a valid token is required: send 'Authorization: Bearer TOKEN' "
-                            "(tokens are made with 'gastrolens api token')", headers={"WWW-Authenticate": "Bearer"})
+        log.warning(
+            "refused %s %s from %s: no valid token",
+            request.method,
+            request.url.path,
+            request.client.host if request.client else "?",
+        )
+        raise ApiError(
+            401,
+            "a valid token is required: send 'Authorization: Bearer TOKEN' "
+            "(tokens are made with 'gastrolens api token')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not principal.role.grants(needed):
         ctx.refuse(principal, request, needed)
         raise ApiError(403, f"token {principal.name!r} has role {principal.role.value}; this needs {needed.value}")

@@ -7,7 +7,7 @@ the filter models of :mod:`gastrolens.db.filters`; a bad one is a 422 naming the
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.responses import Response
@@ -36,7 +36,7 @@ def auditor(request: Request, credentials: Credentials) -> Principal:
 Viewer = Annotated[Principal, Depends(viewer)]
 Auditor = Annotated[Principal, Depends(auditor)]
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "no token, or an unknown one"},
     403: {"description": "the token's role does not allow this"},
     422: {"description": "a malformed parameter; the message names it"},
@@ -97,15 +97,29 @@ def audit_events(request: Request, principal: Auditor, query: Annotated[AuditQue
                                     rows=lambda page: len(page.items), criteria=query.described())
 
 
-@router.get("/overlays/{sop_uid}.png", tags=["studies"], response_class=Response,
-            summary="An overlay output as a PNG thumbnail",
-            responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such overlay, or its file is gone"}})
-def overlay(request: Request, principal: Viewer, sop_uid: str,
-            size: Annotated[int, Query(ge=32, le=1024, description="longest side in pixels")] = 320) -> Response:
+@router.get(
+    "/overlays/{sop_uid}.png",
+    tags=["studies"],
+    response_class=Response,
+    summary="An overlay output as a PNG thumbnail",
+    responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such overlay, or its file is gone"}},
+)
+def overlay(
+    request: Request,
+    principal: Viewer,
+    sop_uid: str,
+    size: Annotated[int, Query(ge=32, le=1024, description="longest side in pixels")] = 320,
+) -> Response:
     uid = valid_uid(sop_uid, "sop_uid")
     ctx = context_of(request)
-    path = ctx.read(principal, request, lambda s: overlay_file(s, uid), rows=lambda p: 0 if p is None else 1,
-                    sop_uid=uid, criteria={"size": size})
+    path = ctx.read(
+        principal,
+        request,
+        lambda s: overlay_file(s, uid),
+        rows=lambda p: 0 if p is None else 1,
+        sop_uid=uid,
+        criteria={"size": size},
+    )
     if path is None:
         raise ApiError(404, f"no overlay with SOP Instance UID {uid}")
     png = overlay_png(ctx.store_root, path, size)

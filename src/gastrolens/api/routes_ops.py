@@ -20,8 +20,8 @@ from sqlalchemy import text
 
 from gastrolens.api.auth import Role
 from gastrolens.api.context import ApiContext, authorize, context_of
-from gastrolens.api.scrape import exposition
 from gastrolens.api.routes_data import Credentials
+from gastrolens.api.scrape import exposition
 from gastrolens.errors import DatabaseError
 
 log = logging.getLogger(__name__)

@@ -58,8 +58,11 @@ class DatabaseCollector(Collector):
         quarantined = CounterMetricFamily("gastrolens_quarantined", "Received files kept in quarantine.")
         quarantined.add_metric([], counts["quarantined"])
         yield quarantined
-        yield _gauge("gastrolens_images_per_second", "Frames processed per second over the last 5 minutes, all processes.",
-                     round(counts["images_per_minute_last_5_min"] / 60.0, 4))
+        yield _gauge(
+            "gastrolens_images_per_second",
+            "Frames processed per second over the last 5 minutes, all processes.",
+            round(counts["images_per_minute_last_5_min"] / 60.0, 4),
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -86,4 +89,3 @@ def app_registry(db: Database) -> CollectorRegistry:
 def exposition(registry: CollectorRegistry) -> bytes:
     """The Prometheus text format of ``registry``."""
     return generate_latest(registry)
-

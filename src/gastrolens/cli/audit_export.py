@@ -43,7 +43,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    given = {"since": args.since, "until": args.until, "type": args.type, "actor": args.actor, "study_uid": args.study_uid}
+    given = {
+        "since": args.since,
+        "until": args.until,
+        "type": args.type,
+        "actor": args.actor,
+        "study_uid": args.study_uid,
+    }
     try:
         flt = AuditFilter.model_validate({k: v for k, v in given.items() if v not in (None, [])})
     except ValidationError as exc:
@@ -54,22 +60,44 @@ def run_export(args: argparse.Namespace) -> int:
     db = open_database(settings_from(args))
     with db.read_session() as session:
         chain = audit.verify_chain(session)
-    chain_state = {"intact": chain.intact, "rows": chain.rows, "first_broken_id": chain.first_broken_id,
-                   "reason": chain.reason}
+    chain_state = {
+        "intact": chain.intact,
+        "rows": chain.rows,
+        "first_broken_id": chain.first_broken_id,
+        "reason": chain.reason,
+    }
     with _opened(args.output) as out, db.read_session() as session:
         events = iter_events(session, flt)
         if args.format == "csv":
             count = write_csv(out, events)
         else:
-            count = write_json(out, events, {"exported_at": now_text(), "exported_by": actor,
-                                             "filter": flt.described(), "chain": chain_state})
+            count = write_json(
+                out,
+                events,
+                {"exported_at": now_text(), "exported_by": actor, "filter": flt.described(), "chain": chain_state},
+            )
     with db.session() as session:
-        audit.record(session, audit.Event(
-            type=AuditEventType.AUDIT_EXPORTED, actor=actor, outcome=Outcome.SUCCESS if chain.intact else Outcome.WARNING,
-            detail={"filter": flt.described(), "format": args.format, "rows": count, "chain_intact": chain.intact,
-                    "output": args.output.name if args.output else "stdout"}))
-    print(f"exported {count} audit events; chain {'intact' if chain.intact else 'BROKEN at row ' + str(chain.first_broken_id)}"
-          f" ({chain.rows} rows verified)", file=sys.stderr)
+        audit.record(
+            session,
+            audit.Event(
+                type=AuditEventType.AUDIT_EXPORTED,
+                actor=actor,
+                outcome=Outcome.SUCCESS if chain.intact else Outcome.WARNING,
+                detail={
+                    "filter": flt.described(),
+                    "format": args.format,
+                    "rows": count,
+                    "chain_intact": chain.intact,
+                    "output": args.output.name if args.output else "stdout",
+                },
+            ),
+        )
+    print(
+        f"exported {count} audit events; "
+        f"chain {'intact' if chain.intact else 'BROKEN at row ' + str(chain.first_broken_id)}"
+        f" ({chain.rows} rows verified)",
+        file=sys.stderr,
+    )
     return 0 if chain.intact else 1
 
 
@@ -92,7 +120,9 @@ def run_verify_export(args: argparse.Namespace) -> int:
     if not check.intact:
         for problem in check.problems:
             print(f"BROKEN {problem}")
-        print(f"{args.file}: {check.rows} rows, {len(check.problems)} do not verify (first: row {check.first_broken_id})")
+        print(
+            f"{args.file}: {check.rows} rows, {len(check.problems)} do not verify (first: row {check.first_broken_id})"
+        )
         return 1
     gaps = f", {check.gaps} gaps where the export skips rows (filtered)" if check.gaps else ""
     print(f"{args.file}: {check.rows} rows, every hash verifies, {check.linked} links checked{gaps}")

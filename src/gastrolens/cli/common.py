@@ -16,7 +16,9 @@ from gastrolens.db.engine import SchemaNotCurrent
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=None, help="TOML settings file (default: $GASTROLENS_CONFIG, else built-in defaults)")
+    parser.add_argument(
+        "--config", "-c", default=None, help="TOML settings file (default: $GASTROLENS_CONFIG, else built-in defaults)"
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

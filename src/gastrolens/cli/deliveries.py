@@ -53,10 +53,15 @@ def run_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no deliveries" + (f" in state {args.state}" if args.state else ""))
         return 0
-    print(f"{'ID':>6}  {'DESTINATION':<12} {'STATE':<9} {'TRIES':>5}  {'STATUS':<7} {'KIND':<9} SOP INSTANCE UID / LAST ERROR")
+    print(
+        f"{'ID':>6}  {'DESTINATION':<12} {'STATE':<9} {'TRIES':>5}  {'STATUS':<7} {'KIND':<9} "
+        "SOP INSTANCE UID / LAST ERROR"
+    )
     for r in rows:
-        print(f"{r['id']:>6}  {r['destination']:<12} {r['state']:<9} {r['attempts']:>5}  {r['last_status'] or '-':<7} "
-              f"{r['kind']:<9} {r['sop_instance_uid']}" + (f"\n{'':>8}{r['last_error']}" if r["last_error"] else ""))
+        print(
+            f"{r['id']:>6}  {r['destination']:<12} {r['state']:<9} {r['attempts']:>5}  {r['last_status'] or '-':<7} "
+            f"{r['kind']:<9} {r['sop_instance_uid']}" + (f"\n{'':>8}{r['last_error']}" if r["last_error"] else "")
+        )
     return 0
 
 

@@ -21,7 +21,7 @@ from gastrolens.db import audit
 from gastrolens.db.filters import DEFAULT_LIMIT, MAX_LIMIT, StudyFilter, StudyQuery, StudyState, explain
 from gastrolens.db.queries_studies import get_study, list_studies
 from gastrolens.db.states import AuditEventType
-from gastrolens.db.views import StudyDetail, StudySummary
+from gastrolens.db.views import ResultView, StudyDetail, StudySummary
 from gastrolens.findings import CLASS_ORDER, LesionClass
 
 CSV_COLUMNS = ("study_instance_uid", "patient_id", "patient_name", "accession_number", "study_date",
@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--finding", metavar="CLASS",
                         help=f"conclusion or any image's class: {', '.join(c.value for c in LesionClass)}")
     parser.add_argument("--state", metavar="STATE", help=f"one of {', '.join(s.value for s in StudyState)}")
-    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"rows, 1..{MAX_LIMIT} (default {DEFAULT_LIMIT})")
+    parser.add_argument(
+        "--limit", type=int, default=DEFAULT_LIMIT, help=f"rows, 1..{MAX_LIMIT} (default {DEFAULT_LIMIT})"
+    )
     parser.add_argument("--offset", type=int, default=0, help="rows to skip")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.set_defaults(func=run_list)
@@ -62,8 +64,20 @@ def _invalid(problems: list[dict[str, str]]) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    given = {k: getattr(args, k) for k in ("study_uid", "patient_id", "accession_number", "date_from", "date_to",
-                                           "finding", "state", "limit", "offset")}
+    given = {
+        k: getattr(args, k)
+        for k in (
+            "study_uid",
+            "patient_id",
+            "accession_number",
+            "date_from",
+            "date_to",
+            "finding",
+            "state",
+            "limit",
+            "offset",
+        )
+    }
     try:
         query = StudyQuery.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
@@ -72,8 +86,14 @@ def run_list(args: argparse.Namespace) -> int:
     with db.read_session() as session:
         page = list_studies(session, query)
     with db.session() as session:
-        audit.record(session, audit.Event(type=AuditEventType.QUERY, actor=cli_actor(), detail={
-            "command": "results", "filter": query.described(), "rows": len(page.items)}))
+        audit.record(
+            session,
+            audit.Event(
+                type=AuditEventType.QUERY,
+                actor=cli_actor(),
+                detail={"command": "results", "filter": query.described(), "rows": len(page.items)},
+            ),
+        )
     if args.format == "json":
         print(page.model_dump_json(indent=2))
     elif args.format == "csv":
@@ -98,9 +118,19 @@ def run_show(args: argparse.Namespace) -> int:
     with db.read_session() as session:
         study = get_study(session, uid)
     with db.session() as session:
-        audit.record(session, audit.Event(type=AuditEventType.QUERY, actor=cli_actor(), study_uid=uid, detail={
-            "command": "results show", "filter": {"study_uid": uid},
-            "rows": 0 if study is None else 1 + len(study.instances)}))
+        audit.record(
+            session,
+            audit.Event(
+                type=AuditEventType.QUERY,
+                actor=cli_actor(),
+                study_uid=uid,
+                detail={
+                    "command": "results show",
+                    "filter": {"study_uid": uid},
+                    "rows": 0 if study is None else 1 + len(study.instances),
+                },
+            ),
+        )
     if study is None:
         print(f"gastrolens: error: no study with Study Instance UID {uid}", file=sys.stderr)
         return 1
@@ -118,7 +148,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
     cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
-        print(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _findings(summary: StudySummary) -> str:
@@ -132,10 +162,22 @@ def _date(value: str | None) -> str:
 
 
 def _print_list(items: list[StudySummary]) -> None:
-    _table(("STUDY DATE", "PATIENT ID", "ACCESSION", "IMAGES", "FINDINGS", "CONCLUSION", "STATE", "STUDY UID"),
-           [(_date(s.study_date), s.patient_id or "-", s.accession_number or "-", s.images, _findings(s),
-             (s.conclusion or "-") + (" (UNTRAINED)" if s.untrained else ""), s.state.value, s.study_instance_uid)
-            for s in items])
+    _table(
+        ("STUDY DATE", "PATIENT ID", "ACCESSION", "IMAGES", "FINDINGS", "CONCLUSION", "STATE", "STUDY UID"),
+        [
+            (
+                _date(s.study_date),
+                s.patient_id or "-",
+                s.accession_number or "-",
+                s.images,
+                _findings(s),
+                (s.conclusion or "-") + (" (UNTRAINED)" if s.untrained else ""),
+                s.state.value,
+                s.study_instance_uid,
+            )
+            for s in items
+        ],
+    )
 
 
 def _write_csv(items: list[StudySummary]) -> None:
@@ -149,38 +191,71 @@ def _write_csv(items: list[StudySummary]) -> None:
 
 
 def _print_study(study: StudyDetail) -> None:
-    conclusion = LesionClass(study.conclusion).display_name + f" ({study.conclusion})" if study.conclusion else "not reported yet"
+    conclusion = (
+        LesionClass(study.conclusion).display_name + f" ({study.conclusion})"
+        if study.conclusion
+        else "not reported yet"
+    )
     print(f"Study {study.study_instance_uid}  [{study.state.value}]")
-    print(f"  Patient ID {study.patient_id or '-'}   Accession {study.accession_number or '-'}   "
-          f"Study date {_date(study.study_date)}   {study.study_description or ''}".rstrip())
-    print(f"  Conclusion {conclusion}" + (f", report revision {study.report_revision}" if study.report_revision else ""))
-    print(f"  Images {study.images}: {study.images_done} done, {study.images_failed} failed, {study.images_queued} queued")
+    print(
+        f"  Patient ID {study.patient_id or '-'}   Accession {study.accession_number or '-'}   "
+        f"Study date {_date(study.study_date)}   {study.study_description or ''}".rstrip()
+    )
+    print(
+        f"  Conclusion {conclusion}" + (f", report revision {study.report_revision}" if study.report_revision else "")
+    )
+    print(
+        f"  Images {study.images}: {study.images_done} done, {study.images_failed} failed, {study.images_queued} queued"
+    )
     if study.untrained:
         print("  UNTRAINED MODEL - NOT FOR DIAGNOSTIC USE")
-    rows, numbers = [], {}
+    rows: list[tuple[Any, ...]] = []
+    numbers: dict[str, int] = {}
     for n, i in enumerate((i for i in study.instances if not i.superseded), start=1):
         numbers[i.sop_instance_uid] = n
-        current = [r for r in i.results if r.current] or [None]
+        current: list[ResultView | None] = [r for r in i.results if r.current] or [None]
         for r in current:
             if r is None:
                 rows.append((n, i.sop_instance_uid, i.state.value, "-", "", "", "", "", "", ""))
                 continue
             p = r.probabilities
-            rows.append((n if r.frame_number == 1 else f"{n}.{r.frame_number}", i.sop_instance_uid, i.state.value,
-                         r.predicted_class, f"{p.normal:.3f}", f"{p.pu:.3f}", f"{p.egc_hgin:.3f}", f"{p.agc:.3f}",
-                         f"{p.smt:.3f}", f"{100 * r.lesion_area_fraction:.1f}%" if r.lesion_present else "none"))
+            rows.append(
+                (
+                    n if r.frame_number == 1 else f"{n}.{r.frame_number}",
+                    i.sop_instance_uid,
+                    i.state.value,
+                    r.predicted_class,
+                    f"{p.normal:.3f}",
+                    f"{p.pu:.3f}",
+                    f"{p.egc_hgin:.3f}",
+                    f"{p.agc:.3f}",
+                    f"{p.smt:.3f}",
+                    f"{100 * r.lesion_area_fraction:.1f}%" if r.lesion_present else "none",
+                )
+            )
     print()
-    _table(("IMAGE", "SOP INSTANCE UID", "STATE", "CLASS", "NORMAL", "PU", "EGC/HGIN", "AGC", "SMT", "LESION AREA"), rows)
+    _table(
+        ("IMAGE", "SOP INSTANCE UID", "STATE", "CLASS", "NORMAL", "PU", "EGC/HGIN", "AGC", "SMT", "LESION AREA"), rows
+    )
     for i in study.instances:
         if i.error and not i.superseded:
             print(f"  image {numbers[i.sop_instance_uid]} {i.state.value}: {i.error}")
     outputs = [(o, "study") for o in study.study_outputs] + [
-        (o, str(numbers.get(o.source_sop_uid or "", "-"))) for i in study.instances for o in i.outputs]
+        (o, str(numbers.get(o.source_sop_uid or "", "-"))) for i in study.instances for o in i.outputs
+    ]
     print()
     if not outputs:
         print("No outputs written yet.")
         return
-    _table(("OUTPUT", "SOP INSTANCE UID", "IMAGE", "DELIVERIES"),
-           [(o.kind.value, o.sop_instance_uid, source,
-             " ".join(f"{d.destination}:{d.state.value}" for d in o.deliveries) or "-") for o, source in outputs])
-
+    _table(
+        ("OUTPUT", "SOP INSTANCE UID", "IMAGE", "DELIVERIES"),
+        [
+            (
+                o.kind.value,
+                o.sop_instance_uid,
+                source,
+                " ".join(f"{d.destination}:{d.state.value}" for d in o.deliveries) or "-",
+            )
+            for o, source in outputs
+        ],
+    )

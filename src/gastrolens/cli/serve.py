@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from gastrolens.cli.common import add_config_option, settings_from
 

@@ -27,5 +27,8 @@ def run(args: argparse.Namespace) -> int:
     print("instances   " + "  ".join(f"{k} {v}" for k, v in inst.items()))
     print(f"quarantined {counts['quarantined']}")
     print("deliveries  " + "  ".join(f"{k} {v}" for k, v in out.items()))
-    print(f"queue depth {counts['queue_depth']}   throughput {counts['images_per_minute_last_5_min']} images/min (last 5 min)")
+    print(
+        f"queue depth {counts['queue_depth']}   "
+        f"throughput {counts['images_per_minute_last_5_min']} images/min (last 5 min)"
+    )
     return 0

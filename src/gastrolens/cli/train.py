@@ -24,7 +24,10 @@ def _default(name: str) -> object:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("train", help="train the classifier or the segmenter on a manifest into a model package")
     tasks = parser.add_subparsers(dest="train_task", required=True, metavar="NETWORK")
-    for task, what in (("classifier", "the 5-class ResNet-34"), ("segmenter", "the DeepLabv3-ResNet-34 lesion segmenter")):
+    for task, what in (
+        ("classifier", "the 5-class ResNet-34"),
+        ("segmenter", "the DeepLabv3-ResNet-34 lesion segmenter"),
+    ):
         p = tasks.add_parser(task, help=f"train {what}")
         _add_training_options(p)
         p.set_defaults(func=run_train, task=task)
@@ -50,38 +53,65 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     recipe = p.add_argument_group("recipe (defaults: the study's where it gives them, see gastrolens.training.recipe)")
     recipe.add_argument("--epochs", type=int, default=None, help=f"default {_default('epochs')}")
     recipe.add_argument("--batch-size", type=int, default=None, help=f"default {_default('batch_size')} (study)")
-    recipe.add_argument("--lr", type=float, default=None, dest="learning_rate",
-                        help=f"initial learning rate, default {_default('learning_rate')} (study)")
+    recipe.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        dest="learning_rate",
+        help=f"initial learning rate, default {_default('learning_rate')} (study)",
+    )
     recipe.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default sgd (study)")
     recipe.add_argument("--momentum", type=float, default=None, help=f"SGD momentum, default {_default('momentum')}")
     recipe.add_argument("--weight-decay", type=float, default=None, help=f"default {_default('weight_decay')}")
     recipe.add_argument("--schedule", choices=("cosine", "step", "constant"), default=None, help="default cosine")
-    recipe.add_argument("--image-size", type=int, default=None,
-                        help="network input size in px (default: the study's 512 / 513); small values make quick checks")
+    recipe.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="network input size in px (default: the study's 512 / 513); small values make quick checks",
+    )
     recipe.add_argument("--output-stride", type=int, choices=(8, 16), default=None, help="segmenter only; default 16")
-    recipe.add_argument("--val-fraction", type=float, default=None,
-                        help=f"share of patients (without a split) held out for validation, default {_default('val_fraction')}")
+    recipe.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help=f"share of patients (without a split) held out for validation, default {_default('val_fraction')}",
+    )
     recipe.add_argument("--seed", type=int, default=None, help="a fixed seed reproduces a run (default 0)")
-    recipe.add_argument("--imagenet", default=None, metavar="FILE",
-                        help="initialise from torchvision's resnet34 ImageNet state dict (a local file; nothing is downloaded)")
+    recipe.add_argument(
+        "--imagenet",
+        default=None,
+        metavar="FILE",
+        help="initialise from torchvision's resnet34 ImageNet state dict (a local file; nothing is downloaded)",
+    )
     recipe.add_argument("--no-augment", action="store_true", help="switch the study's augmentations off")
     recipe.add_argument("--no-amp", action="store_true", help="full precision on CUDA too")
-    recipe.add_argument("--precise-bn-batches", type=int, default=None,
-                        help=f"batches for re-estimating BatchNorm statistics before validation (0: off), "
-                        f"default {_default('precise_bn_batches')}")
+    recipe.add_argument(
+        "--precise-bn-batches",
+        type=int,
+        default=None,
+        help=f"batches for re-estimating BatchNorm statistics before validation (0: off), "
+        f"default {_default('precise_bn_batches')}",
+    )
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    run.add_argument("--workers", type=int, default=2, help="data loader worker processes (0: read in the main process)")
+    run.add_argument(
+        "--workers", type=int, default=2, help="data loader worker processes (0: read in the main process)"
+    )
     run.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this network")
     run.add_argument("--checkpoint-dir", default=None, help="where per-epoch checkpoints go (default: OUT/checkpoints)")
     run.add_argument("--name", default=None, help="package name (default: kept from OUT, else gastrolens-site)")
-    run.add_argument("--version", dest="package_version", default=None,
-                     help="package version (default: the UTC time, YYYYMMDD.HHMMSS)")
+    run.add_argument(
+        "--version",
+        dest="package_version",
+        default=None,
+        help="package version (default: the UTC time, YYYYMMDD.HHMMSS)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def recipe_from_args(args: argparse.Namespace):  # noqa: ANN201 - Recipe, imported lazily
+def recipe_from_args(args: argparse.Namespace):
     from gastrolens.training.recipe import Recipe
 
     names = [f.name for f in dataclasses.fields(Recipe)]

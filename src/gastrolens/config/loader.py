@@ -70,8 +70,8 @@ def _resolve_file_paths(data: dict[str, Any], folder: Path) -> None:
     destinations = data.get("destinations")
     if isinstance(destinations, list):
         for destination in destinations:
-            for keys in _DESTINATION_PATH_KEYS:
-                _resolve_at(destination, keys, folder)
+            for nested in _DESTINATION_PATH_KEYS:
+                _resolve_at(destination, nested, folder)
     database = data.get("database")
     if isinstance(database, dict) and isinstance(database.get("url"), str):
         database["url"] = _sqlite_url_against(database["url"], folder)

@@ -21,7 +21,19 @@ from pydantic import ValidationError
 from gastrolens.db.views import AuditRow
 
 FORMAT = "gastrolens-audit-export/1"
-COLUMNS = ("id", "at", "event_type", "actor", "outcome", "study_uid", "series_uid", "sop_uid", "detail", "prev_hash", "hash")
+COLUMNS = (
+    "id",
+    "at",
+    "event_type",
+    "actor",
+    "outcome",
+    "study_uid",
+    "series_uid",
+    "sop_uid",
+    "detail",
+    "prev_hash",
+    "hash",
+)
 
 
 def write_json(out: IO[str], rows: Iterable[AuditRow], header: Mapping[str, Any]) -> int:
@@ -72,7 +84,10 @@ def read_rows(path: Path) -> list[AuditRow]:
         reader = csv.DictReader(text.splitlines())
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise ValueError(f"{path}: not a GastroLens audit CSV (columns {', '.join(COLUMNS)} expected)")
-        return [AuditRow.model_validate({k: (v if v != "" or k == "detail" else None) for k, v in r.items()}) for r in reader]
+        return [
+            AuditRow.model_validate({k: (v if v != "" or k == "detail" else None) for k, v in r.items()})
+            for r in reader
+        ]
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     except ValidationError as exc:

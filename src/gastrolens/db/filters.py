@@ -51,7 +51,9 @@ class StudyState(str, enum.Enum):
 def check_uid(value: str, name: str = "uid") -> str:
     """Return ``value`` when it follows the DICOM UID grammar, else raise ValueError naming ``name``."""
     if not is_dicom_uid(value):
-        raise ValueError(f"{name}: {value[:80]!r} is not a DICOM UID (digits and dots, no leading zeros, at most 64 characters)")
+        raise ValueError(
+            f"{name}: {value[:80]!r} is not a DICOM UID (digits and dots, no leading zeros, at most 64 characters)"
+        )
     return value
 
 
@@ -114,7 +116,10 @@ class StudyFilter(_Filter):
     study_uid: str | None = Field(None, description="Study Instance UID")
     patient_id: str | None = Field(None, max_length=64, description="Patient ID, exact")
     accession_number: str | None = Field(None, max_length=16, description="Accession Number, exact")
-    date_from: date | None = Field(None, description="first study date (YYYY-MM-DD); studies without a Study Date match on the day they arrived (UTC)")
+    date_from: date | None = Field(
+        None,
+        description="first study date (YYYY-MM-DD); studies without a Study Date match on the day they arrived (UTC)",
+    )
     date_to: date | None = Field(None, description="last study date (YYYY-MM-DD), inclusive")
     finding: LesionClass | None = Field(None, description="the study conclusion, or the class of any of its images")
     state: StudyState | None = Field(None, description="where the study stands")

@@ -18,8 +18,8 @@ def status_counts(session: Session) -> dict[str, Any]:
     for state, n in session.execute(select(Instance.state, func.count()).group_by(Instance.state)):
         instances[InstanceState(state).value] = n
     outputs = {s.value: 0 for s in DeliveryState}
-    for state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
-        outputs[DeliveryState(state).value] = n
+    for delivery_state, n in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
+        outputs[DeliveryState(delivery_state).value] = n
     quarantined = session.scalar(select(func.count()).select_from(Quarantined)) or 0
     since = datetime.now(timezone.utc) - timedelta(minutes=5)
     recent = session.scalar(select(func.count()).select_from(Result).where(Result.created_at >= since)) or 0

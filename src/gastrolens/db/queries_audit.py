@@ -45,7 +45,7 @@ def iter_events(session: Session, flt: AuditFilter, batch: int = 2000) -> Iterat
         session.expunge_all()
 
 
-def _filtered(flt: AuditFilter) -> Select[tuple[AuditEvent]]:
+def _filtered(flt: AuditFilter) -> Select[AuditEvent]:
     stmt = select(AuditEvent)
     if flt.since is not None:
         stmt = stmt.where(AuditEvent.at >= flt.since)

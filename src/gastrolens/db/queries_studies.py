@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from gastrolens.db.filters import StudyFilter, StudyQuery, StudyState, day_after
 from gastrolens.db.states import DeliveryState, InstanceState
-from gastrolens.findings import CLASS_ORDER, OutputKind
 from gastrolens.db.tables import Delivery, Instance, Output, Result, Series, Study
 from gastrolens.db.views import (
     DeliveryView,
@@ -30,6 +29,7 @@ from gastrolens.db.views import (
     StudyDetail,
     StudySummary,
 )
+from gastrolens.findings import CLASS_ORDER, OutputKind
 
 
 def list_studies(session: Session, query: StudyQuery) -> Page[StudySummary]:
@@ -228,7 +228,9 @@ def _instance_views(session: Session, instances: Sequence[Instance], outputs: Se
     results: dict[int, list[Result]] = defaultdict(list)
     if ids:
         for result in session.scalars(
-            select(Result).where(Result.instance_id.in_(ids)).order_by(Result.frame_number, Result.created_at, Result.id)
+            select(Result)
+            .where(Result.instance_id.in_(ids))
+            .order_by(Result.frame_number, Result.created_at, Result.id)
         ):
             results[result.instance_id].append(result)
     deliveries = _deliveries_by_output(session, [o.id for o in outputs])
@@ -239,11 +241,20 @@ def _instance_views(session: Session, instances: Sequence[Instance], outputs: Se
             by_source[o.instance_id].append(_output_view(o, sop_of.get(o.instance_id), deliveries))
     return [
         InstanceView(
-            sop_instance_uid=i.sop_instance_uid, version=i.version, superseded=i.superseded,
-            study_uid=study_uids.get(i.study_id, ""), series_uid=series.get(i.series_id, ""),
-            sop_class_uid=i.sop_class_uid, state=i.state, attempts=i.attempts, error=i.error,
-            received_at=utc(i.received_at), finished_at=utc(i.finished_at), removed_at=utc(i.removed_at),
-            results=_result_views(results.get(i.id, [])), outputs=by_source.get(i.id, []),
+            sop_instance_uid=i.sop_instance_uid,
+            version=i.version,
+            superseded=i.superseded,
+            study_uid=study_uids.get(i.study_id, ""),
+            series_uid=series.get(i.series_id, ""),
+            sop_class_uid=i.sop_class_uid,
+            state=i.state,
+            attempts=i.attempts,
+            error=i.error,
+            received_at=utc(i.received_at),
+            finished_at=utc(i.finished_at),
+            removed_at=utc(i.removed_at),
+            results=_result_views(results.get(i.id, [])),
+            outputs=by_source.get(i.id, []),
         )
         for i in instances
     ]
@@ -257,10 +268,16 @@ def _result_views(results: list[Result]) -> list[ResultView]:
         ResultView(
             frame_number=r.frame_number,
             probabilities=Probabilities(**{c.value: p for c, p in zip(CLASS_ORDER, r.probabilities, strict=True)}),
-            predicted_class=r.predicted_class, lesion_present=r.lesion_present,
-            lesion_area_fraction=r.lesion_area_fraction, bbox=list(r.bbox) if r.bbox is not None else None,
-            model_name=r.model_name, model_version=r.model_version, model_sha256=r.model_sha256,
-            untrained=r.untrained, current=latest[r.frame_number] == r.id, created_at=utc(r.created_at),
+            predicted_class=r.predicted_class,
+            lesion_present=r.lesion_present,
+            lesion_area_fraction=r.lesion_area_fraction,
+            bbox=list(r.bbox) if r.bbox is not None else None,
+            model_name=r.model_name,
+            model_version=r.model_version,
+            model_sha256=r.model_sha256,
+            untrained=r.untrained,
+            current=latest[r.frame_number] == r.id,
+            created_at=utc(r.created_at),
         )
         for r in results
     ]
@@ -277,18 +294,31 @@ def _deliveries_by_output(session: Session, output_ids: list[int]) -> dict[int, 
 
 def delivery_view(d: Delivery) -> DeliveryView:
     return DeliveryView(
-        id=d.id, destination=d.destination, state=d.state, attempts=d.attempts, last_status=d.last_status,
-        last_error=d.last_error, next_attempt_at=utc(d.next_attempt_at), updated_at=utc(d.updated_at),
+        id=d.id,
+        destination=d.destination,
+        state=d.state,
+        attempts=d.attempts,
+        last_status=d.last_status,
+        last_error=d.last_error,
+        next_attempt_at=utc(d.next_attempt_at),
+        updated_at=utc(d.updated_at),
         sent_at=utc(d.sent_at),
     )
 
 
 def _output_view(o: Output, source_sop_uid: str | None, deliveries: dict[int, list[DeliveryView]]) -> OutputView:
     return OutputView(
-        kind=o.kind, sop_instance_uid=o.sop_instance_uid, series_instance_uid=o.series_instance_uid,
-        sop_class_uid=o.sop_class_uid, source_sop_uid=source_sop_uid, file_path=o.file_path,
-        revision=o.revision, model_sha256=o.model_sha256, created_at=utc(o.created_at),
-        removed_at=utc(o.removed_at), deliveries=deliveries.get(o.id, []),
+        kind=o.kind,
+        sop_instance_uid=o.sop_instance_uid,
+        series_instance_uid=o.series_instance_uid,
+        sop_class_uid=o.sop_class_uid,
+        source_sop_uid=source_sop_uid,
+        file_path=o.file_path,
+        revision=o.revision,
+        model_sha256=o.model_sha256,
+        created_at=utc(o.created_at),
+        removed_at=utc(o.removed_at),
+        deliveries=deliveries.get(o.id, []),
     )
 
 
@@ -302,6 +332,7 @@ def utc(value: datetime | None) -> datetime | None:
 def overlay_file(session: Session, sop_uid: str) -> str | None:
     """The stored path (relative to the storage root) of an overlay output, None if unknown or removed."""
     return session.scalar(
-        select(Output.file_path).where(Output.sop_instance_uid == sop_uid, Output.kind == OutputKind.OVERLAY,
-                                       Output.removed_at.is_(None))
+        select(Output.file_path).where(
+            Output.sop_instance_uid == sop_uid, Output.kind == OutputKind.OVERLAY, Output.removed_at.is_(None)
+        )
     )

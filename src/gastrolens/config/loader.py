@@ -7,6 +7,12 @@ A relative path written in the file (``storage.root``, an SQLite ``database.url`
 model package, TLS files, folder destinations) is relative to the file's folder, as
 users expect of a file they keep beside its data; a relative path from an environment
 variable, or a default, is relative to the working directory of the process.
+
+Why not pydantic-settings: it validates the merged sources as one, so an error could no
+longer name the variable that caused it; it silently ignores a variable whose section is
+misspelt (``GASTROLENS_DICMO__PORT``), which this loader reports as an unknown key; a
+non-JSON value for a list field fails with "error parsing value for field dicom" without the
+key; and resolving file paths needs to know which source a value came from.
 """
 
 from __future__ import annotations

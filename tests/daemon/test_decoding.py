@@ -109,3 +109,78 @@ def test_a_failed_device_fails_no_image_and_stops_claiming(make_stage, study_uid
         step.close()
         engine.close()
     assert torch.backends.cudnn.deterministic
+
+
+def _jpeg_instance(frames: list[np.ndarray], *, quality: int = 90):  # type: ignore[no-untyped-def]
+    """A multi-frame JPEG Baseline YBR_FULL_422 instance, each frame encoded by Pillow."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = as_dicom(frames[0], jpeg_quality=quality)
+    streams = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=quality, subsampling="4:2:2")
+        streams.append(buffer.getvalue())
+    ds.PixelData = encapsulate(streams)
+    ds.NumberOfFrames = len(frames)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    return ds
+
+
+def _reread(ds, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from pydicom import dcmread
+
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return dcmread(path), path
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(60, 80), (480, 640), (1080, 1350)])
+def test_fast_jpeg_path_matches_pydicoms_decoder(tmp_path: Path, rows: int, cols: int) -> None:
+    from gastrolens.daemon.decoding import PARITY_MAX_LEVELS, jpeg_baseline_frames
+    from gastrolens.dicom_io.documents.read import decode_rgb_frames
+
+    ds, path = _reread(as_dicom(endoscopy_frame(rows, cols, None, seed=rows)[0], jpeg_quality=90), tmp_path)
+    fast = jpeg_baseline_frames(ds)
+    reference = decode_rgb_frames(ds)
+    assert fast is not None and len(fast) == len(reference) == 1
+    difference = np.abs(fast[0].astype(int) - reference[0].astype(int))
+    assert fast[0].shape == reference[0].shape and fast[0].dtype == np.uint8 and fast[0].flags.writeable
+    assert difference.max() <= PARITY_MAX_LEVELS and difference.mean() < 0.5
+    decoded = decode_instance(path)  # the daemon's decoder takes the fast path
+    assert np.array_equal(decoded.frames[0], fast[0])
+
+
+def test_fast_jpeg_path_multi_frame(tmp_path: Path) -> None:
+    from gastrolens.daemon.decoding import PARITY_MAX_LEVELS, jpeg_baseline_frames
+    from gastrolens.dicom_io.documents.read import decode_rgb_frames
+
+    frames = [endoscopy_frame(96, 128, None, seed=i)[0] for i in range(3)]
+    ds, _ = _reread(_jpeg_instance(frames), tmp_path)
+    fast = jpeg_baseline_frames(ds)
+    reference = decode_rgb_frames(ds)
+    assert fast is not None and len(fast) == len(reference) == 3
+    for a, b in zip(fast, reference, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= PARITY_MAX_LEVELS
+
+
+def test_fast_jpeg_path_declines_what_it_is_not_sure_of(tmp_path: Path) -> None:
+    from gastrolens.daemon.decoding import jpeg_baseline_frames
+
+    frame = endoscopy_frame(64, 80, None, seed=0)[0]
+    native, _ = _reread(as_dicom(frame), tmp_path)  # uncompressed RGB
+    assert jpeg_baseline_frames(native) is None
+    wrong_size, _ = _reread(as_dicom(frame, jpeg_quality=90), tmp_path)
+    wrong_size.Rows = 65
+    assert jpeg_baseline_frames(wrong_size) is None
+    wrong_count, _ = _reread(_jpeg_instance([frame, frame]), tmp_path)
+    wrong_count.NumberOfFrames = 3
+    assert jpeg_baseline_frames(wrong_count) is None
+    rgb_said, _ = _reread(as_dicom(frame, jpeg_quality=90), tmp_path)
+    rgb_said.PhotometricInterpretation = "RGB"
+    assert jpeg_baseline_frames(rgb_said) is None

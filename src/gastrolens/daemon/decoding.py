@@ -7,23 +7,40 @@ core by default (``[scheduler] decode_processes``), while the engine works on th
 previous batch. Each worker reports the CPU seconds it spent so the daemon can count
 them toward ``gastrolens_stage_cpu_seconds{stage="decode"}``.
 
+JPEG Baseline colour frames (what endoscopes send) take a fast path: each frame's
+JPEG stream is decoded by Pillow (libjpeg-turbo), which converts YCbCr to RGB in SIMD
+code, about 5 times faster than pydicom's decoder plus its NumPy colour conversion
+(16 ms instead of 105 ms for 1080 x 1350). JPEG decoders may differ by a few levels
+(upsampling and IDCT rounding are not fixed by the standard); tests hold the fast
+path to pydicom's result within :data:`PARITY_MAX_LEVELS`. Anything else, or anything
+the fast path is not sure of, goes through
+:func:`gastrolens.dicom_io.documents.read.decode_rgb_frames`.
+
 This module imports pydicom and the decoders only (never torch), so workers start light.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import JPEGBaseline8Bit
 
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, read_dataset
 from gastrolens.errors import GastroLensError
 
 MAX_DEFAULT_PROCESSES = 32
+PARITY_MAX_LEVELS = 8
+"""Largest difference (0-255) allowed between the fast path and pydicom's decoder."""
+_FAST_PHOTOMETRIC = ("YBR_FULL_422", "YBR_FULL")
+_MAX_SIDE = 8192
 
 
 @dataclass
@@ -47,7 +64,7 @@ def decode_instance(path: Path) -> Decoded:
     decoded = Decoded()
     try:
         decoded.dataset = read_dataset(path)
-        decoded.frames = decode_rgb_frames(decoded.dataset)
+        decoded.frames = jpeg_baseline_frames(decoded.dataset) or decode_rgb_frames(decoded.dataset)
     except (GastroLensError, OSError) as exc:
         decoded.error = f"cannot decode: {exc}"
         decoded.frames = []
@@ -63,3 +80,35 @@ def decode_process_count(setting: int | None, cpus: int | None = None) -> int:
     if setting is not None:
         return setting
     return max(1, min(MAX_DEFAULT_PROCESSES, cpus if cpus is not None else (os.cpu_count() or 1)))
+
+
+def jpeg_baseline_frames(ds: Dataset) -> list[np.ndarray] | None:
+    """RGB frames of a JPEG Baseline YBR colour instance decoded by libjpeg-turbo, or None.
+
+    None means "not sure": another transfer syntax or photometric interpretation, a
+    stream that says it is not YCbCr (Adobe transform 0), frames whose size or count
+    differ from the header; the caller then uses the reference decoder.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") != JPEGBaseline8Bit or "PixelData" not in ds:
+        return None
+    if (str(ds.get("PhotometricInterpretation", "")).strip() not in _FAST_PHOTOMETRIC
+            or ds.get("SamplesPerPixel") != 3 or ds.get("BitsAllocated") != 8):
+        return None
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if not (0 < rows <= _MAX_SIDE and 0 < cols <= _MAX_SIDE):
+        return None
+    try:
+        count = int(ds.get("NumberOfFrames") or 1)
+        frames = []
+        for stream in generate_frames(ds.PixelData, number_of_frames=count):
+            with Image.open(io.BytesIO(stream)) as image:
+                if (image.format != "JPEG" or image.mode != "RGB" or image.size != (cols, rows)
+                        or image.info.get("adobe_transform", 1) == 0):
+                    return None
+                frames.append(np.array(image))  # a writable copy, as the reference decoder gives
+    except Exception:  # any doubt: the reference decoder decides and reports
+        return None
+    if len(frames) != count:
+        return None
+    return frames

@@ -140,3 +140,10 @@ def test_environment_and_defaults_are_relative_to_the_working_directory(tmp_path
     assert settings.database.url == "sqlite:///from-env.db"
     assert load_settings(path, environ={}).storage.root == Path("var/storage"), "a default: the working directory"
     assert load_settings(environ={}).database.url == "sqlite:///var/gastrolens.db"
+
+
+def test_a_misspelt_section_in_a_variable_is_an_unknown_key_naming_the_variable(tmp_path):
+    path = write(tmp_path, f"[storage]\nroot = '{tmp_path / 'st'}'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={"GASTROLENS_DICMO__PORT": "104"})
+    assert str(caught.value) == "GASTROLENS_DICMO__PORT: dicmo: unknown key"

@@ -139,7 +139,7 @@ def _config_error(exc: ValidationError, source: str, overridden: dict[str, str])
         key = ".".join(str(p) for p in err["loc"]) or "-"
         reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         reason = reason.removeprefix("Value error, ")
-        where = next((var for dotted, var in overridden.items() if key.startswith(dotted)), source)
+        where = next((var for dotted, var in overridden.items() if _related(key, dotted)), source)
         problems.append((where, key, reason))
     first = problems[0]
     error = ConfigError(first[0], first[1], first[2])
@@ -147,6 +147,12 @@ def _config_error(exc: ValidationError, source: str, overridden: dict[str, str])
         error.args = ("\n".join(f"{w}: {k}: {r}" for w, k, r in problems),)
     error.problems = problems  # type: ignore[attr-defined]
     return error
+
+
+def _related(key: str, dotted: str) -> bool:
+    """Whether an error at ``key`` concerns the value set at ``dotted`` (the same key, inside it, or a
+    table that holds it: a misspelt section in a variable is reported at the section)."""
+    return key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + ".")
 
 
 def _check_storage_writable(settings: Settings, source: str) -> None:

@@ -5,7 +5,11 @@ Prints figures; it is not a test. Rows:
 * ``classifier``, ``segmenter-os16``, ``segmenter-os8``: one network's forward pass on
   pre-processed input batches at the study's sizes (512 / 513), run the way the engine
   runs it (``Engine.classify_tensor`` / ``segment_tensor``: inference_mode, plus autocast
-  and channels_last on CUDA) against the bare torchvision module (fp32, ``no_grad``).
+  as ``--amp`` says and channels_last on CUDA) against the bare torchvision module (fp32,
+  ``no_grad``). Both start from the same host batch and copy it to the device inside
+  the timed call (pinned memory on CUDA for both; ``--pageable`` for both otherwise).
+* ``copy``: the host-to-device copy of one classifier batch alone, pageable (engine
+  column) against pinned (bare column), each timed to its completion.
 * ``both-os16``: the whole engine, from uint8 frames with a black border and burned-in
   text (field-of-view crop, resize, both networks, masks at source resolution, decision)
   against the bare forward of both networks on ready-made inputs (two batches per
@@ -14,7 +18,9 @@ Prints figures; it is not a test. Rows:
 Engine and bare runs alternate and each figure is the fastest of ``--repeats`` runs, so
 that other load on a shared machine disturbs both alike. ``ratio`` is engine images/s
 over bare images/s. Memory is the peak of ``torch.cuda.max_memory_allocated`` on CUDA
-and the peak resident-set growth on CPU (freed heap is returned to the OS first).
+and the peak resident-set growth on CPU (freed heap is returned to the OS first), both
+*above the memory in use when the block starts* (weights and inputs already there are
+the baseline, subtracted).
 
 Examples::
 
@@ -82,7 +88,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -168,16 +174,29 @@ def bench_network(
     args: argparse.Namespace,
     device: torch.device,
 ) -> Row:
-    x = torch.randn(batch, 3, size, size)
-    x_dev = x.to(device)
+    x = _host_batch(batch, size, device, pinned=not args.pageable)
     run = engine.classify_tensor if what == "classifier" else engine.segment_tensor
 
     def bare_run() -> object:
         with torch.no_grad():
-            return bare(x_dev)
+            return bare(x.to(device, non_blocking=True))
 
     engine_s, bare_s, engine_mb, bare_mb = _compare(lambda: run(x), bare_run, device, args)
     return Row(what, batch, batch / engine_s, batch / bare_s, engine_mb, bare_mb)
+
+
+def _host_batch(batch: int, size: int, device: torch.device, *, pinned: bool) -> torch.Tensor:
+    x = torch.randn(batch, 3, size, size)
+    return x.pin_memory() if pinned and device.type == "cuda" else x
+
+
+def bench_copy(batch: int, size: int, args: argparse.Namespace, device: torch.device) -> Row:
+    """One batch host -> device: pageable ("engine" column) against pinned ("bare" column)."""
+    pageable = _host_batch(batch, size, device, pinned=False)
+    pinned = _host_batch(batch, size, device, pinned=True)
+    engine_s, bare_s, engine_mb, bare_mb = _compare(lambda: pageable.to(device, non_blocking=True),
+                                                    lambda: pinned.to(device, non_blocking=True), device, args)
+    return Row("copy pageable/pinned", batch, batch / engine_s, batch / bare_s, engine_mb, bare_mb)
 
 
 def bench_both(
@@ -213,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="classifier,segmenter-os16,segmenter-os8,both-os16",
-        help="rows to run (default: all four)",
+        help="rows to run (default: the four network rows; add copy for the host-to-device copy)",
     )
     parser.add_argument("--classifier-size", type=int, default=512)
     parser.add_argument("--segmenter-size", type=int, default=513)
     parser.add_argument("--frame", default="1080x1350", help="source frame ROWSxCOLS for both-os16 (default 1080x1350)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
+                        help="the engine's [model] amp (default auto)")
+    parser.add_argument("--pageable", action="store_true", help="network rows start from pageable, not pinned, memory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the engine warns per instance that the weights are untrained
     device = resolve_device(args.device)
@@ -231,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} torch threads"
-    print(f"device: {device} ({name}); torch {torch.__version__}; weights: gastrolens-untrained (random)")
+    print(f"device: {device} ({name}); torch {torch.__version__}; weights: gastrolens-untrained (random); "
+          f"engine amp {args.amp}; network inputs from {'pageable' if args.pageable else 'pinned'} memory")
     print(
         f"batch sizes {batch_sizes}, warm-up {args.warmup}, repeats {args.repeats}, input "
         f"{args.classifier_size}/{args.segmenter_size}, frames {args.frame[0]}x{args.frame[1]}, rows {rows_wanted}"
@@ -240,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def engine_for(stride: int, batch: int) -> Engine:
         pkg: ModelPackage = copy.deepcopy(package)
-        return Engine(pkg, device=str(device), batch_size=batch, output_stride=stride)
+        return Engine(pkg, device=str(device), batch_size=batch, output_stride=stride, amp=args.amp)
 
     results: list[Row] = []
     bare_classifier = _bare(build_classifier(), device)
@@ -257,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 elif what == "both-os16":
                     row = bench_both(engine, bare_classifier, bare_segmenters[16], batch, args, device)
+                elif what == "copy":
+                    row = bench_copy(batch, args.classifier_size, args, device)
                 else:
                     parser.error(f"unknown row {what!r}")
             results.append(row)
@@ -269,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _header() -> str:
-    return f"{'what':<16}{'batch':>6}{'engine img/s':>14}{'bare img/s':>12}{'ratio':>7}{'engine MB':>11}{'bare MB':>9}"
+    return (f"{'what':<22}{'batch':>6}{'engine img/s':>14}{'bare img/s':>12}{'ratio':>7}"
+            f"{'engine +MB':>11}{'bare +MB':>9}")
 
 
 def _format(row: Row) -> str:
     return (
-        f"{row.what:<16}{row.batch:>6}{row.engine_ips:>14.2f}{row.bare_ips:>12.2f}"
+        f"{row.what:<22}{row.batch:>6}{row.engine_ips:>14.2f}{row.bare_ips:>12.2f}"
         f"{row.engine_ips / row.bare_ips:>7.2f}{row.engine_mem_mb:>11.0f}{row.bare_mem_mb:>9.0f}"
     )
 

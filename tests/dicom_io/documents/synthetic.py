@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from gastrolens.findings import CLASS_ORDER, ImageFinding, LesionClass, ModelIdentity
 
@@ -173,7 +173,7 @@ def make_finding(
 
 def encode(ds: Dataset, transfer_syntax: str) -> Dataset:
     """Re-encode ``ds`` in place with ``transfer_syntax``; JPEG Baseline via Pillow (4:2:2)."""
-    from pydicom.uid import JPEG2000, JPEGBaseline8Bit, UID
+    from pydicom.uid import JPEG2000, UID, JPEGBaseline8Bit
 
     if not UID(transfer_syntax).is_compressed:
         ds.file_meta.TransferSyntaxUID = transfer_syntax  # applied when the file is saved

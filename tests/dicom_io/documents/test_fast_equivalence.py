@@ -16,10 +16,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLossless,
@@ -118,7 +118,7 @@ def assert_same_both_ways(tmp_path: Path, make, settings: OutputSettings | None 
     assert [(w.kind, w.path.name, w.sop_instance_uid, w.series_instance_uid, w.sop_class_uid) for w in quick] == [
         (w.kind, w.path.name, w.sop_instance_uid, w.series_instance_uid, w.sop_class_uid) for w in reference
     ]
-    for ours, theirs in zip(quick, reference):
+    for ours, theirs in zip(quick, reference, strict=True):
         assert_dciodvfy_clean(ours.path)
         a, b = dcmread(ours.path), dcmread(theirs.path)
         assert a.file_meta.MediaStorageSOPInstanceUID == b.file_meta.MediaStorageSOPInstanceUID
@@ -178,7 +178,7 @@ def test_template_path_is_deterministic(tmp_path: Path):
     first = write_outputs(source, findings, tmp_path / "a")
     fast.CACHE.clear()
     again = write_outputs(source, findings, tmp_path / "b")
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert a.sop_instance_uid == b.sop_instance_uid
         assert tree(dcmread(a.path)) == tree(dcmread(b.path))
 

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLossless,
@@ -207,7 +207,9 @@ def test_outputs_are_deterministic_and_replace_each_other(tmp_path: Path):
     first = write_outputs(source, findings, tmp_path / "a")
     again = write_outputs(source, findings, tmp_path / "a")
     elsewhere = write_outputs(source, findings, tmp_path / "b")
-    key = lambda written: [(w.kind, w.sop_instance_uid, w.series_instance_uid, w.path.name) for w in written]
+    def key(written):
+        return [(w.kind, w.sop_instance_uid, w.series_instance_uid, w.path.name) for w in written]
+
     assert key(first) == key(again) == key(elsewhere)
     assert len(list((tmp_path / "a").iterdir())) == 3
 
@@ -331,7 +333,8 @@ def test_study_sr_end_to_end(tmp_path: Path):
     report = hd.sr.srread(second.output.path)
     conclusion = report.content.get_image_measurement_groups()[-1].get_qualitative_evaluations()[0]
     assert codes.class_from_code(conclusion.value) is LesionClass.PU
-    assert report.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+    predecessor = report.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == (
         first.output.sop_instance_uid
     )
     assert write_study_sr(study, tmp_path).output.sop_instance_uid == first.output.sop_instance_uid
@@ -355,7 +358,7 @@ def test_study_sr_names_every_model(tmp_path: Path):
         assert report.output.sop_instance_uid != study_sr_instance_uid(study_uid, model.weights_sha256, 1)
     assert UNTRAINED_WARNING in dcmread(report.output.path).SeriesDescription
     groups = hd.sr.srread(report.output.path).content.get_image_measurement_groups()
-    peptic = [g for g in groups if g.finding_type is not None and codes.class_from_code(g.finding_type) is LesionClass.PU]
+    peptic = [g for g in groups if g.finding_type and codes.class_from_code(g.finding_type) is LesionClass.PU]
     assert len(peptic) == 2  # one per model
     assert write_study_sr(study, tmp_path / "again").output.sop_instance_uid == report.output.sop_instance_uid
     single = write_study_sr(study[:1], tmp_path / "one")

@@ -9,10 +9,9 @@ from gastrolens import UNTRAINED_WARNING
 from gastrolens.dicom_io.documents.common import save, source_header
 from gastrolens.dicom_io.documents.overlay import build_overlay, draw_overlay, label_text, outline
 from gastrolens.dicom_io.documents.read import decode_rgb_frames
-from gastrolens.findings import OutputKind
 from gastrolens.dicom_io.documents.uids import instance_uid, series_uid
 from gastrolens.errors import OutputError
-from gastrolens.findings import LesionClass
+from gastrolens.findings import LesionClass, OutputKind
 
 from .conftest import assert_dciodvfy_clean
 from .synthetic import (

@@ -41,7 +41,7 @@ def write_both_ways(tmp_path: Path, source: Dataset, findings, expected_quirk: s
         for output in written:
             assert_dciodvfy_clean(output.path)
         results[builder] = written
-    for ours, theirs in zip(results[Builder.TEMPLATE], results[Builder.HIGHDICOM]):
+    for ours, theirs in zip(results[Builder.TEMPLATE], results[Builder.HIGHDICOM], strict=True):
         assert tree(dcmread(ours.path)) == tree(dcmread(theirs.path))
     return {w.kind: dcmread(w.path) for w in results[Builder.TEMPLATE]}
 

@@ -49,7 +49,7 @@ def test_multi_frame_gives_one_array_per_frame(frame):
     frames = [frame, frame[::-1].copy(), 255 - frame]
     decoded = decode_rgb_frames(make_source(frames, sop_class=MULTIFRAME_TRUE_COLOR_SC))
     assert len(decoded) == 3
-    for got, want in zip(decoded, frames):
+    for got, want in zip(decoded, frames, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -61,7 +61,9 @@ def test_ybr_full_is_converted_to_rgb(frame):
 
 
 @pytest.mark.parametrize(
-    "syntax", [JPEGLSLossless, JPEG2000Lossless, RLELossless, JPEGLossless, JPEGLosslessSV1], ids=lambda uid: uid.keyword
+    "syntax",
+    [JPEGLSLossless, JPEG2000Lossless, RLELossless, JPEGLossless, JPEGLosslessSV1],
+    ids=lambda uid: uid.keyword,
 )
 def test_lossless_transfer_syntaxes_are_exact(frame, syntax):
     ds = encode(make_source([frame]), syntax)
@@ -72,7 +74,7 @@ def test_lossless_transfer_syntaxes_are_exact(frame, syntax):
 def test_jpeg_lossless_process_14_multi_frame_is_exact(frame, syntax):
     frames = [frame, frame[::-1].copy()]
     ds = encode(make_source(frames, sop_class=MULTIFRAME_TRUE_COLOR_SC), syntax)
-    for got, want in zip(decode_rgb_frames(ds), frames):
+    for got, want in zip(decode_rgb_frames(ds), frames, strict=True):
         np.testing.assert_array_equal(got, want)
 
 

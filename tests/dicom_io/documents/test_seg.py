@@ -7,12 +7,11 @@ import pytest
 from gastrolens.dicom_io.documents import codes
 from gastrolens.dicom_io.documents.common import check_findings, save, source_header
 from gastrolens.dicom_io.documents.seg import build_segmentation
-from gastrolens.findings import OutputKind
 from gastrolens.dicom_io.documents.uids import instance_uid, series_uid
-from gastrolens.findings import LesionClass
+from gastrolens.findings import LesionClass, OutputKind
 
 from .conftest import assert_dciodvfy_clean
-from .synthetic import MULTIFRAME_TRUE_COLOR_SC, SECONDARY_CAPTURE, VL_ENDOSCOPIC, TRAINED, make_finding, scenario
+from .synthetic import MULTIFRAME_TRUE_COLOR_SC, SECONDARY_CAPTURE, TRAINED, VL_ENDOSCOPIC, make_finding, scenario
 
 
 def build(source, findings):

@@ -7,14 +7,13 @@ from pydicom import dcmread
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.dicom_io.documents import codes
 from gastrolens.dicom_io.documents.common import check_findings, save, source_header
-from gastrolens.models.conclusion import aggregate_study
 from gastrolens.dicom_io.documents.seg import build_segmentation
 from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr
 from gastrolens.dicom_io.documents.study_sr import build_study_sr
-from gastrolens.findings import OutputKind
 from gastrolens.dicom_io.documents.uids import instance_uid, study_sr_instance_uid, study_sr_series_uid
 from gastrolens.errors import OutputError
-from gastrolens.findings import CLASS_ORDER, LesionClass
+from gastrolens.findings import CLASS_ORDER, LesionClass, OutputKind
+from gastrolens.models.conclusion import aggregate_study
 
 from .conftest import assert_dciodvfy_clean, dsrdump
 from .synthetic import MULTIFRAME_TRUE_COLOR_SC, SECONDARY_CAPTURE, TRAINED, UNTRAINED, VL_ENDOSCOPIC, scenario
@@ -142,8 +141,9 @@ def study_of(tmp_path: Path, *classes: LesionClass | None, model=TRAINED):
 def test_study_sr_concludes_by_priority_and_names_its_predecessor(tmp_path: Path):
     members = study_of(tmp_path, None, LesionClass.PU, LesionClass.SMT, None)
     conclusion = aggregate_study([f for _, fs in members for f in fs])
-    previous = PredecessorRef(sop_instance_uid=study_sr_instance_uid(members[0][0].StudyInstanceUID, TRAINED.weights_sha256, 1),
-                              series_instance_uid=study_sr_series_uid(members[0][0].StudyInstanceUID, TRAINED.weights_sha256))
+    study_uid = members[0][0].StudyInstanceUID
+    previous = PredecessorRef(sop_instance_uid=study_sr_instance_uid(study_uid, TRAINED.weights_sha256, 1),
+                              series_instance_uid=study_sr_series_uid(study_uid, TRAINED.weights_sha256))
     sr = build_study_sr(members, TRAINED, conclusion, revision=2, predecessor=previous)
     path = save(sr, tmp_path / "study.dcm")
     assert_dciodvfy_clean(path)

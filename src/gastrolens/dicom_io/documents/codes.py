@@ -12,10 +12,9 @@ recorded per code below (see also shared/dicom-notes.md, section 3).
 
 from __future__ import annotations
 
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-
-from highdicom.sr import CodedConcept
 
 from gastrolens.findings import LesionClass
 

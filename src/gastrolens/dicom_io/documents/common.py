@@ -17,11 +17,11 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEG2000MCLossless,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -29,10 +29,10 @@ from pydicom.uid import (
 )
 
 from gastrolens import UNTRAINED_WARNING, __version__
-from gastrolens.storage.atomic import write_atomic
 from gastrolens.dicom_io.documents.read import has_pixel_data, number_of_frames
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import CLASS_ORDER, ImageFinding, ModelIdentity
+from gastrolens.storage.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,13 @@ from gastrolens.dicom_io.documents.seg import (
     segment_tracking_uid,
 )
 from gastrolens.dicom_io.documents.sr import build_image_sr
-from gastrolens.dicom_io.documents.template import PIXELS, Template, TemplateError, compile_template, render, sentinel_key
+from gastrolens.dicom_io.documents.template import (
+    PIXELS,
+    Template,
+    TemplateError,
+    compile_template,
+    render,
+)
 from gastrolens.dicom_io.documents.uids import derived_uid, instance_uid, series_uid
 from gastrolens.findings import CLASS_ORDER, ImageFinding, LesionClass, ModelIdentity, OutputKind
 
@@ -267,7 +273,10 @@ def build_fast(
         )
         if template is None:
             raise TemplateRefused(OutputKind.OVERLAY.value)
-        drawn = b"".join(draw_overlay_fast(frame, finding, model).tobytes() for frame, finding in zip(frames, findings))
+        drawn = b"".join(
+            draw_overlay_fast(frame, finding, model).tobytes()
+            for frame, finding in zip(frames, findings, strict=True)
+        )
         values[PIXELS] = drawn + b"\0" * (len(drawn) % 2)
         built.append(_object(OutputKind.OVERLAY, template, values, value_of, created, memo))
     return built

@@ -91,7 +91,8 @@ def _check_modality(source: Dataset, sop_class: str, repairs: list[Repair]) -> N
         value = "ES" if sop_class in VL_ENDOSCOPIC_CLASSES else "OT"
         repairs.append(_set("Modality", value, f"Modality missing: wrote {value}"))
     elif modality != modality.upper() or modality != str(source.Modality):
-        repairs.append(_set("Modality", modality.upper(), f"Modality {str(source.Modality)!r}: wrote {modality.upper()}"))
+        quirk = f"Modality {str(source.Modality)!r}: wrote {modality.upper()}"
+        repairs.append(_set("Modality", modality.upper(), quirk))
 
 
 def _check_charset(source: Dataset, repairs: list[Repair]) -> None:
@@ -160,16 +161,19 @@ def _check_terms(source: Dataset, repairs: list[Repair]) -> None:
     sex = source.get("PatientSex")
     if sex not in (None, "") and str(sex) not in ("M", "F", "O"):
         fixed = SEX_TERMS.get(str(sex).strip().upper(), "")
-        repairs.append(_set("PatientSex", fixed, f"PatientSex {str(sex)!r} is not a defined term: wrote {fixed or 'empty'}"))
+        quirk = f"PatientSex {str(sex)!r} is not a defined term: wrote {fixed or 'empty'}"
+        repairs.append(_set("PatientSex", fixed, quirk))
     laterality = source.get("Laterality")
     if laterality not in (None, "") and str(laterality) not in ("R", "L"):
         fixed = str(laterality).strip().upper() if str(laterality).strip().upper() in ("R", "L") else ""
-        repairs.append(_set("Laterality", fixed, f"Laterality {str(laterality)!r} is not R or L: wrote {fixed or 'empty'}"))
+        quirk = f"Laterality {str(laterality)!r} is not R or L: wrote {fixed or 'empty'}"
+        repairs.append(_set("Laterality", fixed, quirk))
     orientation = source.get("PatientOrientation")
     if orientation not in (None, ""):
         values = [str(v) for v in (orientation if isinstance(orientation, MultiValue) else [orientation])]
         if len(values) != 2 or not all(_ORIENTATION.match(v) for v in values):
-            repairs.append(_set("PatientOrientation", "", f"PatientOrientation {_joined(values)!r} is invalid: wrote empty"))
+            quirk = f"PatientOrientation {_joined(values)!r} is invalid: wrote empty"
+            repairs.append(_set("PatientOrientation", "", quirk))
     number = source.get("InstanceNumber")
     if number not in (None, ""):
         try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
@@ -26,12 +27,11 @@ from gastrolens.dicom_io.documents.fast import TemplateRefused, build_fast
 from gastrolens.dicom_io.documents.normalise import normalise_source
 from gastrolens.dicom_io.documents.overlay import build_overlay
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, number_of_frames
-from gastrolens.dicom_io.documents.seg import build_segmentation
+from gastrolens.dicom_io.documents.seg import SegmentInfo, build_segmentation
 from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr
 from gastrolens.dicom_io.documents.study_sr import build_study_sr
-from gastrolens.findings import OutputKind
 from gastrolens.errors import DecodeError, OutputError
-from gastrolens.findings import ImageFinding, ModelIdentity
+from gastrolens.findings import ImageFinding, ModelIdentity, OutputKind
 from gastrolens.storage.atomic import write_bytes_atomic
 
 if TYPE_CHECKING:  # the models package imports torch: output workers must not
@@ -164,7 +164,8 @@ def _write_reference(
 ) -> list[WrittenOutput]:
     header = source_header(source)
     built: list[tuple[OutputKind, Dataset]] = []
-    seg, segments = None, []
+    seg: hd.seg.Segmentation | None = None
+    segments: list[SegmentInfo] = []
     if settings.seg:
         result = build_segmentation(header, findings, model)
         if result is not None:
@@ -195,7 +196,9 @@ def _write_fast(
                 raise OutputError(f"source instance {source.SOPInstanceUID}: decoded frame {frame.shape} "
                                   f"{frame.dtype} is not ({rows}, {cols}, 3) uint8")
         if len(frames) != len(findings):
-            raise OutputError(f"source instance {source.SOPInstanceUID}: {len(frames)} frames, {len(findings)} findings")
+            raise OutputError(
+                f"source instance {source.SOPInstanceUID}: {len(frames)} frames, {len(findings)} findings"
+            )
     objects = build_fast(source, findings, model, seg=settings.seg, sr=settings.sr, overlay=settings.overlay,
                          frames=frames, created=now())
     written: list[WrittenOutput] = []

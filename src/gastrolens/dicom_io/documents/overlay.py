@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.dicom_io.documents.common import (
@@ -31,10 +31,9 @@ from gastrolens.dicom_io.documents.common import (
     series_description,
     source_was_lossy,
 )
-from gastrolens.findings import OutputKind
 from gastrolens.dicom_io.documents.uids import instance_uid, series_uid
 from gastrolens.errors import OutputError
-from gastrolens.findings import ImageFinding, ModelIdentity
+from gastrolens.findings import ImageFinding, ModelIdentity, OutputKind
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,8 @@ def outline(mask: np.ndarray, thickness: int) -> np.ndarray:
     size = 2 * max(1, thickness // 2) + 1
     grown = image.filter(ImageFilter.MaxFilter(size))
     shrunk = image.filter(ImageFilter.MinFilter(size))
-    return np.asarray(grown) != np.asarray(shrunk)
+    edge: np.ndarray = np.asarray(grown) != np.asarray(shrunk)
+    return edge
 
 
 def draw_overlay(frame: np.ndarray, finding: ImageFinding, model: ModelIdentity) -> np.ndarray:
@@ -102,7 +102,9 @@ def draw_overlay(frame: np.ndarray, finding: ImageFinding, model: ModelIdentity)
     return np.asarray(picture, dtype=np.uint8)
 
 
-def _fitted_font(draw: ImageDraw.ImageDraw, text: str, max_width: int, size: int):
+def _fitted_font(
+    draw: ImageDraw.ImageDraw, text: str, max_width: int, size: int
+) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """The largest font no bigger than ``size`` in which ``text`` fits ``max_width``."""
     while size > 6:
         font = _font(size)
@@ -141,7 +143,7 @@ def build_overlay(
                 f"source instance {header.SOPInstanceUID}: decoded frame {frame.shape} {frame.dtype} "
                 f"is not ({rows}, {cols}, 3) uint8"
             )
-    drawn = [draw_overlay(frame, finding, model) for frame, finding in zip(frames, findings)]
+    drawn = [draw_overlay(frame, finding, model) for frame, finding in zip(frames, findings, strict=True)]
     multiframe = "NumberOfFrames" in header
     created = now()
 

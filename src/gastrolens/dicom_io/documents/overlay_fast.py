@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -52,11 +53,17 @@ class _Box:
 def _fitted(text: str, max_width: int, size: int) -> tuple[int, tuple[int, int, int, int]]:
     """Font size and text box, as :func:`overlay._fitted_font` chooses them."""
     while size > 6:
-        box = _MEASURE.textbbox((0, 0), text, font=_font(size))
+        box = _int_box(_MEASURE.textbbox((0, 0), text, font=_font(size)))
         if box[2] - box[0] <= max_width:
             return size, box
         size -= 1
-    return 6, _MEASURE.textbbox((0, 0), text, font=_font(6))
+    return 6, _int_box(_MEASURE.textbbox((0, 0), text, font=_font(6)))
+
+
+def _int_box(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """textbbox gives whole pixels for Pillow's fonts (typed as floats); kept as they
+    are, since the reference uses them as they are."""
+    return cast(tuple[int, int, int, int], box)
 
 
 def _boxes(finding: ImageFinding, model: ModelIdentity, rows: int, cols: int) -> list[_Box]:
@@ -132,7 +139,8 @@ def outline_fast(mask: np.ndarray, thickness: int) -> np.ndarray:
     whose edges are repeated outwards, as ``RankFilter`` expands it."""
     radius = max(1, thickness // 2)
     padded = np.pad(np.asarray(mask, dtype=bool), radius, mode="edge")
-    return _square(padded, radius, np.logical_or) != _square(padded, radius, np.logical_and)
+    edge: np.ndarray = _square(padded, radius, np.logical_or) != _square(padded, radius, np.logical_and)
+    return edge
 
 
 def _square(padded: np.ndarray, radius: int, op: np.ufunc) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_color_lut, apply_voi_lut
 
 from gastrolens.dicom_io.documents.geometry import GeometryError, check_geometry
 from gastrolens.errors import DecodeError
@@ -80,9 +80,7 @@ def _to_rgb(ds: Dataset, array: np.ndarray, frames: int) -> np.ndarray:
     """(frames, rows, cols, 3) uint8 from what ``pixel_array`` returned."""
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     samples = int(ds.get("SamplesPerPixel", 1))
-    if samples == 1 and frames == 1 and array.ndim == 2:
-        array = array[np.newaxis]
-    elif samples == 3 and frames == 1 and array.ndim == 3:
+    if samples == 1 and frames == 1 and array.ndim == 2 or samples == 3 and frames == 1 and array.ndim == 3:
         array = array[np.newaxis]
     expected = 3 if samples == 1 else 4
     if array.ndim != expected or array.shape[0] != frames:
@@ -122,4 +120,5 @@ def _scale_to_uint8(array: np.ndarray, bits_stored: int) -> np.ndarray:
     if bits_stored <= 8:
         return array.astype(np.uint8)
     shifted = array.astype(np.uint32) >> (bits_stored - 8)
-    return np.clip(shifted, 0, 255).astype(np.uint8)
+    scaled: np.ndarray = np.clip(shifted, 0, 255).astype(np.uint8)
+    return scaled

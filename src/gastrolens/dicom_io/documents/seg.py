@@ -35,10 +35,9 @@ from gastrolens.dicom_io.documents.common import (
     series_description,
 )
 from gastrolens.dicom_io.documents.read import number_of_frames
-from gastrolens.findings import OutputKind
 from gastrolens.dicom_io.documents.uids import derived_uid, instance_uid, series_uid
 from gastrolens.errors import OutputError
-from gastrolens.findings import ImageFinding, LesionClass, ModelIdentity
+from gastrolens.findings import ImageFinding, LesionClass, ModelIdentity, OutputKind
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def build_segmentation(
             instance_number=int(header.get("InstanceNumber") or 1),
             manufacturer=MANUFACTURER,
             manufacturer_model_name=check_lo(model.name, "model name"),
-            software_versions=[SOFTWARE_VERSION, model.version],
+            software_versions=[SOFTWARE_VERSION, model.version],  # type: ignore[arg-type]  # VM 1-n
             device_serial_number=DEVICE_SERIAL_NUMBER,
             content_description=check_lo(f"{model.name} {model.version} lesion mask"[:64], "content description"),
             content_label="GASTROLENS",

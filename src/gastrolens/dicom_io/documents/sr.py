@@ -45,15 +45,17 @@ from gastrolens.dicom_io.documents.common import (
 from gastrolens.dicom_io.documents.read import number_of_frames
 from gastrolens.dicom_io.documents.seg import SegmentInfo
 from gastrolens.dicom_io.documents.uids import (
-    OutputKind,
     derived_uid,
     instance_uid,
     series_uid,
 )
 from gastrolens.errors import OutputError
-from gastrolens.findings import CLASS_ORDER, ImageFinding, ModelIdentity
+from gastrolens.findings import CLASS_ORDER, ImageFinding, ModelIdentity, OutputKind
 
 logger = logging.getLogger(__name__)
+
+Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+"""A TID 1501 or TID 1410 measurement group."""
 
 SR_SERIES_NUMBER = 9702
 STUDY_SR_SERIES_NUMBER = 9704
@@ -139,7 +141,7 @@ def _image_groups(
     algorithm = _algorithm(model)
     site = hd.sr.FindingSite(anatomic_location=codes.STOMACH)
     by_frame = {info.source_frame: info for info in segments}
-    groups: list = []
+    groups: list[Group] = []
     for frame, finding in enumerate(findings, start=1):
         source = _measured_in(header, frame)
         groups.append(
@@ -209,7 +211,7 @@ def _image_groups(
 
 def _report(
     model: ModelIdentity,
-    groups: Sequence,
+    groups: Sequence[Group],
     referenced_images: Sequence[Dataset],
 ) -> hd.sr.MeasurementReport:
     """TID 1500 around ``groups``; ``model`` is the observer (for a study judged by several
@@ -226,7 +228,7 @@ def _report(
             name=codes.QUALITATIVE_EVALUATIONS,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-        container.ContentSequence = [
+        container.ContentSequence = [  # type: ignore[assignment]  # pydicom accepts a list
             hd.sr.TextContentItem(
                 name=codes.COMMENT,
                 value=UNTRAINED_WARNING,

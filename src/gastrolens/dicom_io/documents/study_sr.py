@@ -95,7 +95,7 @@ def build_study_sr(
     observer = combined_identity(models)
     sha = observer.weights_sha256
     site = hd.sr.FindingSite(anatomic_location=codes.STOMACH)
-    groups: list = []
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     for evidence in conclusion.reported:
         for model in models:
             indices = [i for i in evidence.image_indices if images[i][2].model == model]
@@ -103,8 +103,8 @@ def build_study_sr(
                 continue
             best = (evidence.max_probability if len(models) == 1
                     else max(images[i][2].probability(evidence.lesion_class) for i in indices))
-            tracking = (derived_uid("study-class", study_uid, sha, evidence.lesion_class.value) if len(models) == 1
-                        else derived_uid("study-class", study_uid, sha, evidence.lesion_class.value, model.weights_sha256))
+            parts = [evidence.lesion_class.value] + ([model.weights_sha256] if len(models) > 1 else [])
+            tracking = derived_uid("study-class", study_uid, sha, *parts)
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(

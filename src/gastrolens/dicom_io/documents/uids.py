@@ -24,8 +24,8 @@ import uuid
 from pydicom.uid import UID
 
 from gastrolens.dicom_uid import is_dicom_uid
-from gastrolens.findings import OutputKind
 from gastrolens.errors import OutputError
+from gastrolens.findings import OutputKind
 
 _NAMESPACE = uuid.UUID("5b1d0f1e-6a43-5e0c-9b0c-6761737472f1")
 """Fixed namespace for GastroLens names; never change it (it would change every UID)."""

@@ -96,7 +96,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument(
-        "--workers", type=int, default=2, help="data loader worker processes (0: read in the main process)"
+        "--workers", type=int, default=None,
+        help="data loader worker processes (default: one per core but one, at most 16; 0: in the main process)"
     )
     run.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this network")

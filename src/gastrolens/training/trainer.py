@@ -9,7 +9,11 @@
   holds the network, optimiser, schedule, loss scaler, history and a fingerprint of the
   recipe and data; ``resume=True`` continues from it and refuses a different recipe or
   manifest. Checkpoints are read with ``torch.load(weights_only=True)``.
-* Mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler).
+* Mixed precision on CUDA (bf16 where the device runs it natively, else fp16 with a
+  GradScaler; emulated bf16 is never chosen, see :mod:`gastrolens.models.precision`).
+* Data loader workers sized to the cores (one per core but one, at most 16, when not
+  given): the study's augmentations (ElasticTransform especially, about 250 ms per 512 px
+  sample) run on the CPU in the workers, one torch thread each.
 * A tqdm bar per epoch (stderr) and one INFO log line per epoch with its metrics.
 * Memory: datasets stream from disk; peak memory is the batch's activations (see
   bench/training_memory.py for measured figures).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -41,6 +46,7 @@ from gastrolens.findings import CLASS_ORDER
 from gastrolens.models.engine import resolve_device
 from gastrolens.models.networks import build_classifier, build_segmenter, load_imagenet_backbone
 from gastrolens.models.package import ModelPackage
+from gastrolens.models.precision import amp_dtype
 from gastrolens.training import packaging
 from gastrolens.training.augment import PairTransform, classifier_augmentation, segmenter_augmentation
 from gastrolens.training.checkpoint import restore_checkpoint, save_checkpoint
@@ -76,14 +82,18 @@ def train(
     out_dir: str | Path,
     *,
     device: str = "auto",
-    workers: int = 0,
+    workers: int | None = 0,
     resume: bool = False,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     name: str | None = None,
     version: str | None = None,
 ) -> TrainResult:
-    """Train ``recipe.task`` on ``manifest`` and write the package into ``out_dir``."""
+    """Train ``recipe.task`` on ``manifest`` and write the package into ``out_dir``.
+
+    ``workers``: data loader worker processes; None sizes them to the cores (:func:`loader_workers`).
+    """
+    workers = loader_workers(workers)
     out = Path(out_dir)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoints"
     checkpoint_path = checkpoints / f"{recipe.task}.pt"
@@ -109,7 +119,7 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_factor(recipe))
     amp_dtype = None
     if cuda and recipe.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp_dtype = amp_dtype_for(torch_device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     fingerprint = {
         "recipe": recipe.fingerprint(),
@@ -273,6 +283,25 @@ def _schedule_factor(recipe: Recipe) -> Callable[[int], float]:
     return lambda epoch: 1.0
 
 
+def loader_workers(setting: int | None, cpus: int | None = None) -> int:
+    """Data loader workers: ``setting`` when given, else one per core but one (the training
+    loop's own), at most 16; 0 on a single core (load in the main process)."""
+    if setting is not None:
+        return setting
+    cores = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(0, min(16, cores - 1))
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype | None:
+    """bf16 where ``device`` runs it natively, else fp16 (with a GradScaler); None off CUDA."""
+    return amp_dtype("auto", device)
+
+
+def _one_torch_thread(worker_id: int) -> None:
+    """Each loader worker computes its augmentations on one thread: the workers are the parallelism."""
+    torch.set_num_threads(1)
+
+
 def _loader(dataset: Dataset[Any], recipe: Recipe, epoch: int, workers: int, cuda: bool, *, shuffle: bool) -> DataLoader:
     size = len(dataset)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(_epoch_seed(recipe.seed, epoch) + (0 if shuffle else 1))
@@ -283,6 +312,7 @@ def _loader(dataset: Dataset[Any], recipe: Recipe, epoch: int, workers: int, cud
         # BatchNorm cannot train on a batch of one: drop a last batch of one image.
         drop_last=shuffle and size % recipe.batch_size == 1,
         num_workers=workers,
+        worker_init_fn=_one_torch_thread if workers else None,
         pin_memory=cuda,
         generator=generator,
         persistent_workers=False,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -70,26 +71,34 @@ class BuiltObject:
 
 
 class _Cache:
-    """Compiled templates by structure; None marks a structure the template path refused."""
+    """Compiled templates by structure; None marks a structure the template path refused.
+
+    Thread-safe (the daemon may build outputs in threads when it has no worker
+    processes); two threads missing the same key both compile it, which is harmless.
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._items: OrderedDict[tuple[Any, ...], Template | None] = OrderedDict()
+        self._lock = threading.Lock()
         self.misses = 0
 
     def get(self, key: tuple[Any, ...], make: Callable[[], Template | None]) -> Template | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        self.misses += 1
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            self.misses += 1
         value = make()
-        self._items[key] = value
-        if len(self._items) > self._size:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
         return value
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
 
 CACHE = _Cache(CACHE_SIZE)

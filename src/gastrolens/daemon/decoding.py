@@ -21,9 +21,14 @@ This module imports pydicom and the decoders only (never torch), so workers star
 
 from __future__ import annotations
 
+import ctypes
 import io
+import multiprocessing
 import os
+import signal
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +42,7 @@ from gastrolens.dicom_io.documents.read import decode_rgb_frames, read_dataset
 from gastrolens.errors import GastroLensError
 
 MAX_DEFAULT_PROCESSES = 32
+PR_SET_PDEATHSIG = 1
 PARITY_MAX_LEVELS = 8
 """Largest difference (0-255) allowed between the fast path and pydicom's decoder."""
 _FAST_PHOTOMETRIC = ("YBR_FULL_422", "YBR_FULL")
@@ -73,6 +79,47 @@ def decode_instance(path: Path) -> Decoded:
         decoded.frames = []
     decoded.cpu_seconds = time.thread_time() - started
     return decoded
+
+
+_cpu_mark = time.process_time()
+"""This worker process's CPU time when it last finished an instance (or started)."""
+
+
+def decode_workers(processes: int) -> ProcessPoolExecutor:
+    """Spawned decode workers, started at once with their decoders imported.
+
+    Starting them here (not on the first batch) keeps the start-up off the first
+    images' latency and out of their CPU account.
+    """
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
+    pool.submit(int)  # a spawn pool starts all its processes on the first submission
+    return pool
+
+
+def decode_instance_in_worker(path: Path) -> Decoded:
+    """:func:`decode_instance` in a worker process, charged with the process's CPU time
+    since its previous instance: unpickling the arguments counts, and so does pickling
+    the previous result; idle waiting does not."""
+    global _cpu_mark
+    decoded = decode_instance(path)
+    spent = time.process_time() - _cpu_mark
+    _cpu_mark += spent
+    decoded.cpu_seconds = spent
+    return decoded
+
+
+def _start_worker() -> None:
+    """Import the decoders; leave SIGINT/SIGTERM to the daemon (it shuts the pool down after
+    its batch); die with the daemon (SIGKILL) instead of lingering as an orphan."""
+    global _cpu_mark
+    from PIL import JpegImagePlugin  # noqa: F401 - imported now, not on the first image
+    from pydicom.pixels import get_decoder  # noqa: F401
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _cpu_mark = time.process_time()
 
 
 def decode_process_count(setting: int | None, cpus: int | None = None) -> int:

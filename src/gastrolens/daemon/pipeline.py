@@ -28,7 +28,13 @@ from pydicom.dataset import Dataset
 
 from gastrolens import metrics
 from gastrolens.config import Settings
-from gastrolens.daemon.decoding import Decoded, decode_instance, decode_process_count
+from gastrolens.daemon.decoding import (
+    Decoded,
+    decode_instance,
+    decode_instance_in_worker,
+    decode_process_count,
+    decode_workers,
+)
 from gastrolens.daemon.workers import output_workers
 from gastrolens.db import Database
 from gastrolens.db.queue import ClaimedInstance, claim_instances
@@ -73,6 +79,7 @@ class InferenceStep:
         self.worker = worker
         self._destination_names = tuple(d.name for d in settings.destinations)
         self._decode_processes = decode_process_count(settings.scheduler.decode_processes)
+        self._decode_function: Callable[[Path], Decoded] = decode_instance
         self._decoders = self._new_decoders()
         self._prefetched: list[tuple[ClaimedInstance, Future[Decoded]]] | None = None
         self.device_failed: DeviceError | None = None
@@ -142,7 +149,7 @@ class InferenceStep:
                                      lease_seconds=self.settings.scheduler.lease_seconds, now=utcnow())
         if not claims:
             return None
-        return [(claim, self._decoders.submit(decode_instance, self.store.absolute(claim.file_path)))
+        return [(claim, self._decoders.submit(self._decode_function, self.store.absolute(claim.file_path)))
                 for claim in claims]
 
     def _write_batch(self, work: list[_Work], started: float) -> BatchReport:
@@ -167,7 +174,9 @@ class InferenceStep:
 
     def _new_decoders(self) -> Executor:
         if self._decode_processes > 0:
-            return output_workers(self._decode_processes)
+            self._decode_function = decode_instance_in_worker
+            return decode_workers(self._decode_processes)
+        self._decode_function = decode_instance
         return ThreadPoolExecutor(self.settings.scheduler.decode_threads, thread_name_prefix="gastrolens-decode")
 
     def _collect(self, decoding: list[tuple[ClaimedInstance, Future[Decoded]]]) -> list[_Work]:
@@ -192,7 +201,7 @@ class InferenceStep:
             self._decoders.shutdown(wait=False, cancel_futures=True)
             self._decoders = self._new_decoders()
             try:
-                return self._decoders.submit(decode_instance, self.store.absolute(claim.file_path)).result()
+                return self._decoders.submit(self._decode_function, self.store.absolute(claim.file_path)).result()
             except BrokenProcessPool:
                 continue
         self._decoders.shutdown(wait=False, cancel_futures=True)

@@ -39,7 +39,7 @@ from gastrolens.daemon.workers import output_workers
 from gastrolens.db import Database
 from gastrolens.db.queue import ClaimedInstance, claim_instances
 from gastrolens.db.tables import utcnow
-from gastrolens.db.transitions import NewOutput, fail_instance, finish_instance
+from gastrolens.db.transitions import NewOutput, fail_instance, finish_instance, release_instances
 from gastrolens.dicom_io.documents.outputs import WrittenOutput, write_outputs
 from gastrolens.storage.store import Store
 from gastrolens.errors import DatabaseError, DeviceError, GastroLensError
@@ -140,7 +140,10 @@ class InferenceStep:
         work = self._collect(decoding)
         if prefetch and len(work) >= self.settings.model.batch_size:
             self._prefetched = self._claim_and_decode()
-        self._infer([w for w in work if w.error is None])
+        try:
+            self._infer([w for w in work if w.error is None])
+        except DeviceError as exc:
+            self._device_lost(exc, [w.claim for w in work])
         return work, started
 
     def _claim_and_decode(self) -> list[tuple[ClaimedInstance, Future[Decoded]]] | None:
@@ -225,16 +228,16 @@ class InferenceStep:
         try:
             with metrics.stage_cpu(metrics.Stage.INFER):
                 findings = self.engine.infer(frames)
-        except DeviceError as exc:
-            self._device_lost(exc)
+        except DeviceError:
+            raise
         except GastroLensError as exc:  # a batch-level failure: try instance by instance
             log.warning("batch inference failed (%s); retrying instance by instance", exc)
             for item in work:
                 try:
                     with metrics.stage_cpu(metrics.Stage.INFER):
                         item.findings = self.engine.infer(item.frames)
-                except DeviceError as err:
-                    self._device_lost(err)
+                except DeviceError:
+                    raise
                 except GastroLensError as err:
                     item.error = f"inference failed: {err}"
             return
@@ -243,15 +246,21 @@ class InferenceStep:
             item.findings = findings[position : position + len(item.frames)]
             position += len(item.frames)
 
-    def _device_lost(self, exc: DeviceError) -> None:
-        """No image is at fault: fail none, claim nothing more, let the daemon restart.
+    def _device_lost(self, exc: DeviceError, claims: list[ClaimedInstance]) -> None:
+        """No image is at fault: fail none, hand every claim back, claim nothing more, raise.
 
-        The instances claimed for this batch (and a prefetched one) are not failed; their
-        leases run out and a fresh process claims them again.
+        The daemon restarts (a poisoned CUDA context needs a fresh process); the released
+        instances are claimed again at once instead of after their lease.
         """
         log.critical("the inference device failed; this worker stops claiming: %s", exc)
         self.device_failed = exc
+        claims = claims + [claim for claim, _ in self._prefetched or []]
         self._prefetched = None
+        try:
+            with self.db.session() as session:
+                release_instances(session, claims, worker=self.worker)
+        except DatabaseError as err:  # their leases run out instead
+            log.error("cannot hand back %d claim(s) after the device failed: %s", len(claims), err)
         raise exc
 
     def _output_dir(self, claim: ClaimedInstance) -> Path:

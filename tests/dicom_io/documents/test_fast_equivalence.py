@@ -189,3 +189,33 @@ def test_seg_bits_are_packed_least_significant_first(tmp_path: Path):
     ds = dcmread(seg.path)
     bits = np.unpackbits(np.frombuffer(ds.PixelData, np.uint8), bitorder="little")[: ROWS * COLS]
     np.testing.assert_array_equal(bits.reshape(ROWS, COLS).astype(bool), findings[0].mask)
+
+
+def _rich(source: Dataset, variant: int) -> Dataset:
+    """Attributes real sources carry that the builders copy (or must not)."""
+    from pydicom.dataset import Dataset as Item
+
+    source.StudyDescription = ["Gastroscopy", "EGD with biopsy"][variant]
+    source.ReferringPhysicianName = ["Li^Wei", "Chen^Jing"][variant]
+    source.IssuerOfPatientID = "HOSPITAL-A"
+    source.PatientAge = ["064Y", "031Y"][variant]
+    source.PatientWeight = [71.5, 60][variant]
+    source.OtherPatientIDs = ["X1", "Y22"][variant]
+    code = Item()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "76009000", "SCT", "Esophagogastroduodenoscopy"
+    source.ProcedureCodeSequence = [code]
+    source.add_new(0x00091010, "LO", ["vendor private", "other private"][variant])
+    source.add_new(0x00090010, "LO", "ACME 1.0")
+    source.PixelSpacing = [0.1, 0.1]
+    return source
+
+
+@pytest.mark.parametrize("sop_class", [VL_ENDOSCOPIC, SECONDARY_CAPTURE], ids=["VL", "SC"])
+def test_rich_headers(tmp_path: Path, sop_class):
+    def make(variant: int):
+        source, findings = image(sop_class, variant=variant, lesion=LesionClass.PU)
+        return _rich(source, variant), findings
+
+    written = assert_same_both_ways(tmp_path, make)
+    sr = dcmread(written[1].path)
+    assert sr.StudyDescription == "EGD with biopsy" and sr.ReferringPhysicianName == "Chen^Jing"

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 CACHE_SIZE = 128
 _SENTINEL_VRS = frozenset({"UI", "PN", "LO", "SH", "LT", "ST", "UT", "DA", "TM", "DT"})
 _SENTINEL_IS = frozenset({"InstanceNumber", "SeriesNumber"})
+_SENTINEL_PATIENT_NUMBERS = frozenset({"PatientAge", "PatientWeight", "PatientSize"})
+"""AS and DS values that differ per patient (in the key they would make every patient a new structure)."""
 _NEVER_SENTINEL = frozenset({"SOPClassUID", "SpecificCharacterSet"})
 _NOT_IN_KEY = frozenset(
     {"PixelData", "FloatPixelData", "DoubleFloatPixelData", "LossyImageCompressionRatio", "LossyImageCompressionMethod"}
@@ -109,6 +111,8 @@ def _sentinel_able(elem: DataElement) -> bool:
         return False
     if elem.VR == "IS":
         return elem.keyword in _SENTINEL_IS and elem.value not in (None, "")
+    if elem.VR in ("AS", "DS"):
+        return elem.keyword in _SENTINEL_PATIENT_NUMBERS and elem.value not in (None, "")
     return elem.VR in _SENTINEL_VRS and str(elem.value) != ""
 
 
@@ -144,6 +148,10 @@ def _sentinel_value(vr: str, n: int) -> Any:
         return f"SNTL{n:05d}^PN"
     if vr == "IS":
         return str(70000 + n)
+    if vr == "AS":
+        return f"{n % 1000:03d}W"
+    if vr == "DS":
+        return f"{8000 + n}.625"
     day = datetime.date(1901, 1, 1) + datetime.timedelta(days=n)
     clock = datetime.time((n // 60) % 24, n % 60, 7)
     if vr == "DA":

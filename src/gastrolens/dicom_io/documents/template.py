@@ -33,7 +33,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
-from pydicom.valuerep import DS
+from pydicom.valuerep import DS, DSfloat
 
 TIME_KEYWORDS = frozenset(
     {
@@ -197,7 +197,9 @@ def encode_element(slot: Slot, value: Any, encodings: tuple[str, ...]) -> bytes:
     vr = slot.vr
     if vr == "UI":
         return _encode_ascii(slot.tag, vr, str(value), b"\x00")
-    if vr == "DS" and isinstance(value, float):
+    if vr == "DS" and isinstance(value, DSfloat):  # a copied value keeps its own spelling
+        return _encode_ascii(slot.tag, vr, str(value), b" ")
+    if vr == "DS" and isinstance(value, float):  # a computed one is written as highdicom writes it
         return _encode_ascii(slot.tag, vr, str(DS(value, auto_format=True)), b" ")
     if vr in _NUMBER_VRS and isinstance(value, (int, float, str)):
         return _encode_ascii(slot.tag, vr, str(value), b" ")

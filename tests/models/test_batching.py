@@ -66,9 +66,9 @@ def test_normaliser_makes_its_tensors_once_and_matches_normalise() -> None:
     normaliser = Normaliser(STUDY_NORMALISATION, torch.device("cpu"))
     x = torch.rand(3, 3, 8, 8)
     assert torch.equal(normaliser(x), normalise(x))
-    mean_before = normaliser._mean.data_ptr()  # noqa: SLF001 - the same tensor serves every batch
+    mean_before = normaliser._mean.data_ptr()
     normaliser(torch.rand(2, 3, 4, 4))
-    assert normaliser._mean.data_ptr() == mean_before  # noqa: SLF001
+    assert normaliser._mean.data_ptr() == mean_before
 
 
 def test_network_inputs_equal_the_preset_per_image(make_frame: Frame) -> None:
@@ -101,9 +101,9 @@ def test_masks_are_measured_like_the_host_reference() -> None:
 def test_staging_on_the_cpu_wraps_without_copying() -> None:
     staging = Staging(torch.device("cpu"))
     frames = [np.zeros((40, 50, 3), np.uint8), np.ones((33, 35, 3), np.uint8)]
-    packed, shapes = staging.pack(frames)
-    assert shapes == [(40, 50), (33, 35)]
-    uploaded = staging.upload(packed, shapes)
+    packed = staging.pack(frames)
+    assert packed.shapes == [(40, 50), (33, 35)]
+    uploaded = staging.upload(packed)
     assert [t.shape for t in uploaded] == [(40, 50, 3), (33, 35, 3)]
     assert uploaded[0].data_ptr() == frames[0].__array_interface__["data"][0]
     assert staging.copies == 0

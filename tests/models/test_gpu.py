@@ -67,3 +67,40 @@ def test_engine_on_cuda_agrees_with_the_cpu(tiny_package: ModelPackage, make_fra
 def test_native_bf16_is_asked_without_emulation() -> None:
     device = torch.device("cuda:0")
     assert native_bf16(device) == (torch.cuda.get_device_capability(0) >= (8, 0))
+
+
+def test_staging_keeps_a_buffer_until_its_copy_is_done() -> None:
+    from gastrolens.models.batching import Staging
+
+    staging = Staging(torch.device("cuda:0"))
+    batches = [[np.full((64, 80, 3), value, np.uint8)] for value in (1, 2, 3)]
+    first = staging.pack(batches[0])
+    second = staging.pack(batches[1])  # packed before the first is uploaded, as the engine's thread does
+    assert first.slot != second.slot
+    on_device = [staging.upload(first), staging.upload(second)]
+    third = staging.pack(batches[2])  # reuses the first slot once its copy completed
+    assert third.slot == first.slot
+    torch.cuda.synchronize()
+    assert [int(frames[0][0, 0, 0]) for frames in on_device] == [1, 2]
+    assert staging.copies == 2
+
+
+def test_nvjpeg_decoding_against_pydicoms_decoder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Whether torchvision's nvJPEG decoder could replace the CPU one: held to the same parity."""
+    from pydicom import dcmread
+    from pydicom.encaps import generate_frames
+    from torchvision.io import decode_jpeg
+
+    from gastrolens.daemon.decoding import PARITY_MAX_LEVELS
+    from gastrolens.dicom_io.documents.read import decode_rgb_frames
+    from gastrolens.samples import as_dicom, endoscopy_frame
+
+    path = tmp_path / "hd.dcm"
+    as_dicom(endoscopy_frame(1080, 1350, None, seed=5)[0], jpeg_quality=90).save_as(path, enforce_file_format=True)
+    ds = dcmread(path)
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    decoded = decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8), device="cuda")
+    gpu = decoded.permute(1, 2, 0).cpu().numpy().astype(int)
+    reference = decode_rgb_frames(ds)[0].astype(int)
+    assert gpu.shape == reference.shape
+    assert np.abs(gpu - reference).max() <= PARITY_MAX_LEVELS

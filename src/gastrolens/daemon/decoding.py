@@ -112,8 +112,8 @@ def _start_worker() -> None:
     """Import the decoders; leave SIGINT/SIGTERM to the daemon (it shuts the pool down after
     its batch); die with the daemon (SIGKILL) instead of lingering as an orphan."""
     global _cpu_mark
+    import pydicom.pixels  # noqa: F401
     from PIL import JpegImagePlugin  # noqa: F401 - imported now, not on the first image
-    from pydicom.pixels import get_decoder  # noqa: F401
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -46,6 +46,15 @@ class Normaliser:
         return (x - self._mean) / self._std
 
 
+@dataclass(frozen=True)
+class Packed:
+    """A batch ready to upload: a pinned buffer and its slot (CUDA), or the frames (CPU)."""
+
+    data: torch.Tensor | list[torch.Tensor]
+    shapes: list[tuple[int, int]]
+    slot: int
+
+
 class Staging:
     """Moves a batch of RGB uint8 frames to the device in one copy.
 
@@ -63,11 +72,12 @@ class Staging:
         self.copies = 0
         """How many host-to-device copies were issued (one per CUDA batch)."""
 
-    def pack(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int]]]:
-        """Host side (any thread): a pinned buffer holding every frame, or the frames as tensors."""
+    def pack(self, frames: Sequence[np.ndarray]) -> Packed:
+        """Host side (the engine's pre-processing thread): a pinned buffer holding every
+        frame, or on the CPU the frames as tensors."""
         shapes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
         if not self._cuda:
-            return [torch.from_numpy(np.ascontiguousarray(f)) for f in frames], shapes
+            return Packed([torch.from_numpy(np.ascontiguousarray(f)) for f in frames], shapes, -1)
         total = sum(h * w * 3 for h, w in shapes)
         slot = self._turn
         self._turn = 1 - slot
@@ -83,20 +93,24 @@ class Staging:
         for frame, (h, w) in zip(frames, shapes, strict=True):
             host[offset : offset + h * w * 3].reshape(h, w, 3)[...] = frame
             offset += h * w * 3
-        return buffer[:total], shapes
+        return Packed(buffer[:total], shapes, slot)
 
-    def upload(self, packed: torch.Tensor | list[torch.Tensor], shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Device side: the frames as (H, W, 3) uint8 tensors on the device."""
-        if isinstance(packed, list):
-            return packed
-        flat = packed.to(self.device, non_blocking=True)
+    def upload(self, packed: Packed) -> list[torch.Tensor]:
+        """Device side: the frames as (H, W, 3) uint8 tensors on the device.
+
+        The copy's completion is recorded on the buffer's slot, so packing the batch after
+        next waits for it before reusing the buffer (the next batch may be packed before
+        this one is uploaded: the slot travels with the batch).
+        """
+        if isinstance(packed.data, list):
+            return packed.data
+        flat = packed.data.to(self.device, non_blocking=True)
         self.copies += 1
-        slot = 1 - self._turn  # the slot pack() filled last
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
-        self._events[slot] = event
+        self._events[packed.slot] = event
         frames, offset = [], 0
-        for h, w in shapes:
+        for h, w in packed.shapes:
             frames.append(flat[offset : offset + h * w * 3].view(h, w, 3))
             offset += h * w * 3
         return frames

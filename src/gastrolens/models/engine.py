@@ -43,6 +43,7 @@ from gastrolens.models import networks
 from gastrolens.models.batching import (
     MeasuredMask,
     Normaliser,
+    Packed,
     Staging,
     fov_boxes,
     masks_to_host,
@@ -142,7 +143,7 @@ class _Prepared:
     """One batch after host-side pre-processing."""
 
     shapes: list[tuple[int, int]]
-    packed: torch.Tensor | list[torch.Tensor]
+    packed: Packed
     boxes: list[CropBox] | None
     inputs: list[torch.Tensor] | None
     preprocess_s: float
@@ -356,13 +357,12 @@ class Engine:
         if not validated:
             for index, image in enumerate(images):
                 validate_image(image, index=index)
-        packed, shapes = self._staging.pack(images)
+        packed = self._staging.pack(images)
         boxes = inputs = None
         if not self._cuda:
             boxes = [self._classifier_preset.crop_box(image) for image in images]
-            assert isinstance(packed, list)
-            inputs = self._network_inputs(packed, boxes)
-        return _Prepared(shapes, packed, boxes, inputs, time.perf_counter() - start)
+            inputs = self._network_inputs(self._staging.upload(packed), boxes)
+        return _Prepared(packed.shapes, packed, boxes, inputs, time.perf_counter() - start)
 
     def _network_inputs(self, frames: Sequence[torch.Tensor], boxes: Sequence[CropBox]) -> list[torch.Tensor]:
         classifier, segmenter = self._classifier_preset, self._segmenter_preset
@@ -405,7 +405,7 @@ class Engine:
         start = time.perf_counter()
         boxes, inputs = prepared.boxes, prepared.inputs
         if boxes is None or inputs is None:
-            frames = self._staging.upload(prepared.packed, prepared.shapes)
+            frames = self._staging.upload(prepared.packed)
             if self.fov_crop:
                 boxes = fov_boxes(frames, threshold=self._classifier_preset.fov_threshold)
             else:

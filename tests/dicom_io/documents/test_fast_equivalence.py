@@ -207,6 +207,7 @@ def _rich(source: Dataset, variant: int) -> Dataset:
     source.add_new(0x00091010, "LO", ["vendor private", "other private"][variant])
     source.add_new(0x00090010, "LO", "ACME 1.0")
     source.PixelSpacing = [0.1, 0.1]
+    source.AcquisitionNumber = [3, 12][variant]
     return source
 
 

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 128
 _SENTINEL_VRS = frozenset({"UI", "PN", "LO", "SH", "LT", "ST", "UT", "DA", "TM", "DT"})
-_SENTINEL_IS = frozenset({"InstanceNumber", "SeriesNumber"})
+_STRUCTURAL_IS = frozenset({"NumberOfFrames", "RepresentativeFrameNumber"})
 _SENTINEL_PATIENT_NUMBERS = frozenset({"PatientAge", "PatientWeight", "PatientSize"})
 """AS and DS values that differ per patient (in the key they would make every patient a new structure)."""
 _NEVER_SENTINEL = frozenset({"SOPClassUID", "SpecificCharacterSet"})
@@ -109,8 +109,8 @@ CACHE = _Cache(CACHE_SIZE)
 def _sentinel_able(elem: DataElement) -> bool:
     if elem.tag.is_private or elem.keyword in _NEVER_SENTINEL or elem.VM != 1:
         return False
-    if elem.VR == "IS":
-        return elem.keyword in _SENTINEL_IS and elem.value not in (None, "")
+    if elem.VR == "IS":  # instance, series, acquisition numbers... but frames shape the objects
+        return elem.keyword not in _STRUCTURAL_IS and elem.value not in (None, "")
     if elem.VR in ("AS", "DS"):
         return elem.keyword in _SENTINEL_PATIENT_NUMBERS and elem.value not in (None, "")
     return elem.VR in _SENTINEL_VRS and str(elem.value) != ""

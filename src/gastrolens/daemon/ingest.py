@@ -1,10 +1,18 @@
 """What happens to a received data set: the receiver's :class:`Ingest`, wired to store and database.
 
-One C-STORE: check free space -> inspect the header -> decide the version (duplicate,
-new, new version) -> write the bytes as received (atomic, fsync) -> commit the
-instance row and its audit event -> answer 0x0000. Anything that cannot be stored is
-quarantined with its reason and audited, and answered with a failure status; the
-peer hears success only after the file is durable and the row is committed.
+One C-STORE: check free space -> write the bytes as received to a staging file and
+fsync it (on a writer thread, while this one inspects the header) -> in one database
+transaction: decide the version (duplicate, new, new version), rename the staged file
+into place and fsync its folder (on the writer thread, while this one inserts the
+rows), commit the instance row and its audit event -> answer 0x0000. The peer hears
+success only after the file is durable under its final name and the row is committed.
+Anything that cannot be stored is quarantined with its reason and audited, and
+answered with a failure status.
+
+The slow data fsync happens before the database's write lock is taken, so the lock
+is held only for the rows, the rename and the commit; on SQLite, ``write_lock`` (one
+lock shared by every receiver process) queues writers promptly instead of leaving
+them to SQLite's sleeping busy handler.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from gastrolens import metrics
 from gastrolens.db import Database, audit
@@ -47,12 +57,14 @@ class DatabaseIngest:
     """
 
     def __init__(self, store: Store, db: Database, *, writers: int = 4,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[], None] | None = None,
+                 write_lock: AbstractContextManager[Any] | None = None) -> None:
         self.store = store
         self.db = db
         self.on_stored = on_stored
         """Called after each newly stored instance (the scheduler counts toward a full batch)."""
-        self._writer = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="gastrolens-store")
+        self._write_lock: AbstractContextManager[Any] = write_lock if write_lock is not None else nullcontext()
+        self._writer = ThreadPoolExecutor(max_workers=2 * writers, thread_name_prefix="gastrolens-store")
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -68,17 +80,21 @@ class DatabaseIngest:
         if not room:
             log.error("refusing C-STORE from %s: less than %d MB free", received.actor, self.store.min_free_bytes // 2**20)
             return self._refuse(facts, None, "storage below min_free_mb")
+        staging = self._writer.submit(_counted, self.store.stage, received.data)
         try:
-            header = inspect_instance(received.data, negotiated_sop_class=received.negotiated_sop_class)
-        except InvalidInstanceError as exc:
-            return self._quarantine(received.data, facts, exc.reason, exc.status)
-        try:
-            return self._persist(received, header)
-        except InvalidInstanceError as exc:  # contradicts what is stored (e.g. a series under another study)
-            return self._quarantine(received.data, facts, exc.reason, exc.status, header)
-        except (StorageError, DatabaseError) as exc:
-            log.error("cannot store %s from %s: %s", header.sop_uid, received.actor, exc)
-            return self._refuse(facts, header, str(exc))
+            try:
+                header = inspect_instance(received.data, negotiated_sop_class=received.negotiated_sop_class)
+            except InvalidInstanceError as exc:
+                return self._quarantine(received.data, facts, exc.reason, exc.status)
+            try:
+                return self._persist(received, header, staging)
+            except InvalidInstanceError as exc:  # contradicts what is stored (e.g. a series under another study)
+                return self._quarantine(received.data, facts, exc.reason, exc.status, header)
+            except (StorageError, DatabaseError) as exc:
+                log.error("cannot store %s from %s: %s", header.sop_uid, received.actor, exc)
+                return self._refuse(facts, header, str(exc))
+        finally:
+            _discard_if_unplaced(self.store, staging)
 
     def last_resort(self, received: ReceivedInstance | None, requested: RequestFacts, error: BaseException) -> IngestOutcome:
         status = STATUS_OUT_OF_RESOURCES if isinstance(error, TRANSIENT_ERRORS) else STATUS_CANNOT_UNDERSTAND
@@ -97,26 +113,27 @@ class DatabaseIngest:
 
     # -- steps -------------------------------------------------------------------------
 
-    def _persist(self, received: ReceivedInstance, header: InstanceHeader) -> IngestOutcome:
-        """Store the bytes and commit the row; the commit comes only after the file is durable."""
-        written: Path | None = None
+    def _persist(self, received: ReceivedInstance, header: InstanceHeader, staging: Future[Path]) -> IngestOutcome:
+        """Place the staged bytes and commit the row; the commit comes only after the file is durable."""
+        staged = staging.result()  # a failed write raises StorageError here: nothing recorded
+        placed: Path | None = None
         try:
-            with self.db.session() as session:
+            with self._write_lock, self.db.session() as session:
                 plan = plan_version(session, header)
                 if plan.is_duplicate:
                     record_duplicate(session, header, plan, received.actor)
                     log.info("duplicate %s from %s: nothing stored", header.sop_uid, received.actor)
                     return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.DUPLICATE)
                 relative = self.store.instance_path(header.study_uid, header.series_uid, header.sop_uid, plan.version)
-                writing = self._writer.submit(_write_counted, self.store, relative, received.data)
+                placing = self._writer.submit(_counted, self.store.place, staged, relative)
                 try:
                     record_instance(session, header, plan, relative, calling_ae=received.calling_ae,
                                     peer_address=received.peer_address, actor=received.actor)
                 finally:
-                    written = writing.result()  # a failed write raises here: the transaction rolls back
+                    placed = placing.result()  # a failed rename raises here: the transaction rolls back
         except BaseException:
-            if written is not None:
-                written.unlink(missing_ok=True)
+            if placed is not None:
+                placed.unlink(missing_ok=True)
             raise
         log.debug("stored %s (%d bytes) from %s", header.sop_uid, header.size_bytes, received.actor)
         if self.on_stored is not None:
@@ -131,7 +148,7 @@ class DatabaseIngest:
                    "status": f"0x{status:04X}"}
         try:
             relative = self.store.quarantine(data, reason, context)
-            with self.db.session() as session:
+            with self._write_lock, self.db.session() as session:
                 session.add(Quarantined(file_path=relative, reason=reason, status=status, sop_instance_uid=sop_uid,
                                         sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
                                         calling_ae=facts.calling_ae, peer_address=facts.peer_address))
@@ -155,16 +172,25 @@ class DatabaseIngest:
 
     def _audit_safely(self, event: audit.Event) -> None:
         try:
-            with self.db.session() as session:
+            with self._write_lock, self.db.session() as session:
                 audit.record(session, event)
         except GastroLensError as exc:
             log.error("could not write audit event %s: %s", event.type.value, exc)
 
 
-def _write_counted(store: Store, relative: str, data: bytes) -> Path:
-    """The file write on a writer thread, its CPU time counted toward receiving."""
+def _counted(work: Callable[..., Path], *args: Any) -> Path:
+    """File work on a writer thread, its CPU time counted toward receiving."""
     with metrics.stage_cpu(metrics.Stage.RECEIVE):
-        return store.write(relative, data)
+        return work(*args)
+
+
+def _discard_if_unplaced(store: Store, staging: Future[Path]) -> None:
+    """Remove the staged file unless it was renamed into place (quarantine, refusal, duplicate)."""
+    try:
+        staged = staging.result()
+    except Exception:  # the staging write failed: nothing to remove
+        return
+    store.discard(staged)
 
 
 def _facts(received: ReceivedInstance) -> RequestFacts:

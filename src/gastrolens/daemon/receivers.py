@@ -3,9 +3,12 @@
 pynetdicom decodes PDUs and runs handlers in Python threads: in one process every
 association shares one GIL. :class:`ReceiverPool` starts ``dicom.receiver_processes``
 processes (spawned, named ``gl-receiver`` in ``/proc/<pid>/comm``), each with its own
-pynetdicom AE and server bound with SO_REUSEPORT, its own database engine and its own
-:class:`~gastrolens.daemon.ingest.DatabaseIngest`; the kernel spreads connections
-over them. What holds across processes:
+pynetdicom AE and server, its own database engine and its own
+:class:`~gastrolens.daemon.ingest.DatabaseIngest`. The daemon owns the listening
+socket: it accepts each connection and hands it (SCM_RIGHTS over a Unix socket) to the
+process serving the fewest connections, so two associations always land on two
+processes (SO_REUSEPORT would hash them, and half the time onto the same one). TLS is
+negotiated in the receiver process. What holds across processes:
 
 - durability: each process persists exactly as one does (fsync + rename, then row and
   audit event committed, then 0x0000);
@@ -24,6 +27,7 @@ the receivers' CPU time (metrics, stage ``receive``) through one pipe per proces
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
-from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
 from typing import Any
 
 from gastrolens import metrics
@@ -58,7 +62,7 @@ def process_count(settings: DicomSettings) -> int:
 
 
 class ReceiverPool:
-    """``count`` receiver processes serving ``settings.port`` (0: a free port, chosen here)."""
+    """``count`` receiver processes behind ``settings.dicom.port`` (0: a free port, chosen here)."""
 
     def __init__(self, settings: Any, count: int, *, on_stored: Callable[[], None] | None = None,
                  log_level: int = logging.INFO) -> None:
@@ -68,12 +72,18 @@ class ReceiverPool:
         self.log_level = log_level
         self._processes: list[SpawnProcess] = []
         self._pipes: list[Connection] = []
-        self._reservation: socket.socket | None = None
+        self._channels: list[socket.socket] = []
+        self._listener: socket.socket | None = None
         self._port = 0
-        self._reader: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         context = multiprocessing.get_context("spawn")
         self._associations: Synchronized[int] = context.Value("i", 0)
+        self._write_lock = context.Lock()
+        """SQLite: one writer at a time across the processes, woken promptly (see daemon.ingest)."""
+        self._finished: SynchronizedArray[int] = context.Array("q", count)
+        """Connections each process has finished with (it counts; the daemon only reads)."""
+        self._handed = [0] * count
 
     @property
     def port(self) -> int:
@@ -81,24 +91,26 @@ class ReceiverPool:
 
     @property
     def listening(self) -> bool:
-        return bool(self._processes) and all(p.is_alive() for p in self._processes)
+        return self._listener is not None and bool(self._processes) and all(p.is_alive() for p in self._processes)
 
     def start(self, timeout: float = 120.0) -> None:
         dicom: DicomSettings = self.settings.dicom
-        self._reservation = _reserve_port(dicom.bind, dicom.port)
-        self._port = int(self._reservation.getsockname()[1])
         context = multiprocessing.get_context("spawn")
         # Only what a receiver needs (secrets such as API tokens stay in the daemon).
         payload = {section: getattr(self.settings, section).model_dump(mode="json")
                    for section in ("dicom", "storage", "database")}
         for index in range(self.count):
             parent_end, child_end = context.Pipe(duplex=False)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             process = context.Process(target=_serve, name=f"{PROCESS_NAME}-{index}", daemon=True,
-                                      args=(payload, self._port, index, child_end, self._associations, self.log_level))
+                                      args=(payload, index, child_end, theirs, self._associations, self._finished,
+                                            self._write_lock, self.log_level))
             process.start()
             child_end.close()
+            theirs.close()
             self._processes.append(process)
             self._pipes.append(parent_end)
+            self._channels.append(ours)
         deadline = time.monotonic() + timeout
         for index, pipe in enumerate(self._pipes):
             if not pipe.poll(max(0.0, deadline - time.monotonic())):
@@ -111,13 +123,28 @@ class ReceiverPool:
             if message[0] != READY:
                 self.stop(drain_seconds=0)
                 raise RuntimeError(f"receiver process {index} failed to start: {message[1]}")
-        self._reader = threading.Thread(target=self._read, name="gastrolens-receivers", daemon=True)
-        self._reader.start()
-        log.info("%d receiver processes listening on %s:%d", self.count, dicom.bind, self._port)
+        try:
+            self._listener = _listen(dicom.bind, dicom.port)
+        except OSError:
+            self.stop(drain_seconds=0)
+            raise
+        self._port = int(self._listener.getsockname()[1])
+        self._threads = [threading.Thread(target=self._read, name="gastrolens-receivers", daemon=True),
+                         threading.Thread(target=self._accept, name="gastrolens-acceptor", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        log.info("%d receiver processes serving %s:%d", self.count, dicom.bind, self._port)
 
     def stop(self, drain_seconds: float = 30.0) -> None:
-        """SIGTERM each process (it refuses new associations and drains), then wait for it."""
+        """Stop accepting, then SIGTERM each process (it drains its associations) and wait for it."""
         self._stopping.set()
+        for thread in self._threads:
+            if thread.name == "gastrolens-acceptor":
+                thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+        for channel in self._channels:
+            channel.close()
         for process in self._processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
@@ -128,13 +155,42 @@ class ReceiverPool:
                 log.warning("receiver process %s did not drain in time: killing it", process.pid)
                 process.kill()
                 process.join(5)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         for pipe in self._pipes:
             pipe.close()
-        if self._reservation is not None:
-            self._reservation.close()
-        self._processes, self._pipes, self._reservation, self._reader = [], [], None, None
+        self._processes, self._pipes, self._channels, self._listener, self._threads = [], [], [], None, []
+
+    def _accept(self) -> None:
+        """Accept connections and hand each to the process serving the fewest."""
+        listener = self._listener
+        assert listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, address = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if not self._stopping.is_set():
+                    log.exception("accepting a DICOM connection failed")
+                    time.sleep(0.1)
+                continue
+            try:
+                self._hand_over(conn, address)
+            finally:
+                conn.close()  # the receiver process holds its own copy
+
+    def _hand_over(self, conn: socket.socket, address: tuple[Any, ...]) -> None:
+        loads = [self._handed[i] - self._finished[i] for i in range(self.count)]
+        note = json.dumps([str(address[0]), int(address[1])]).encode()
+        for index in sorted(range(self.count), key=lambda i: (loads[i], i)):
+            try:
+                socket.send_fds(self._channels[index], [note], [conn.fileno()])
+            except OSError:
+                continue  # that process is gone: the next one
+            self._handed[index] += 1
+            return
+        log.error("no receiver process took the connection from %s", address[0])
 
     def _read(self) -> None:
         """Relay what the processes report: stored instances and their CPU time."""
@@ -158,22 +214,22 @@ class ReceiverPool:
                     metrics.add_stage_cpu(metrics.Stage.RECEIVE, float(value))
 
 
-def _reserve_port(bind: str, port: int) -> socket.socket:
-    """Bind (without listening) with SO_REUSEPORT: fixes the port, including a free one for
-    port 0, that every receiver process then binds too. Connections only go to listeners."""
+def _listen(bind: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((bind, port))
+    sock.listen(128)
+    sock.settimeout(0.25)  # so that stop() is noticed; accepted sockets are blocking
     return sock
 
 
 # -- in each receiver process ----------------------------------------------------------
 
 
-def _serve(payload: dict[str, Any], port: int, index: int, pipe: Connection,
-           associations: Synchronized[int], log_level: int) -> None:
+def _serve(payload: dict[str, Any], index: int, pipe: Connection, channel: socket.socket,
+           associations: Synchronized[int], finished: SynchronizedArray[int], write_lock: Any,
+           log_level: int) -> None:
     """A receiver process: its own AE, server, database engine and ingest, until SIGTERM."""
     _become_receiver_process()
     logging.basicConfig(level=log_level, stream=sys.stderr,
@@ -188,7 +244,7 @@ def _serve(payload: dict[str, Any], port: int, index: int, pipe: Connection,
         from gastrolens.storage.store import Store
 
         settings = Settings.model_validate(payload)
-        dicom = settings.dicom.model_copy(update={"port": port})
+        dicom = settings.dicom
         db = Database(settings.database.url)
         store = Store(settings.storage.root, fsync=settings.storage.fsync, min_free_mb=settings.storage.min_free_mb)
         lock = threading.Lock()
@@ -198,9 +254,17 @@ def _serve(payload: dict[str, Any], port: int, index: int, pipe: Connection,
             with lock:
                 stored[0] += 1
 
-        ingest = DatabaseIngest(store, db, writers=dicom.max_associations, on_stored=count_stored)
-        receiver = Receiver(dicom, ingest, reuse_port=True, node_associations=associations)
+        def connection_ended() -> None:
+            with finished.get_lock():
+                finished[index] += 1
+
+        ingest = DatabaseIngest(store, db, writers=dicom.max_associations, on_stored=count_stored,
+                                write_lock=write_lock if db.engine.dialect.name == "sqlite" else None)
+        receiver = Receiver(dicom, ingest, handoff=True, node_associations=associations,
+                            on_connection_end=connection_ended)
         receiver.start()
+        threading.Thread(target=_take_connections, args=(channel, receiver), name="gastrolens-handoff",
+                         daemon=True).start()
     except BaseException as exc:  # tell the daemon why, then exit
         pipe.send((FAILED, f"{exc.__class__.__name__}: {exc}"))
         raise
@@ -223,6 +287,23 @@ def _serve(payload: dict[str, Any], port: int, index: int, pipe: Connection,
     pipe.send((CPU, time.process_time() - cpu))
     db.dispose()
     pipe.close()
+
+
+def _take_connections(channel: socket.socket, receiver: Any) -> None:
+    """Serve each connection the daemon hands over, until it closes the channel."""
+    while True:
+        try:
+            note, fds, _flags, _address = socket.recv_fds(channel, 1024, 1)
+        except OSError:
+            return
+        if not note and not fds:
+            return  # the daemon closed the channel: it stops
+        for fd in fds[1:]:
+            os.close(fd)
+        if not fds:
+            continue
+        host, port = json.loads(note)
+        receiver.serve_connection(socket.socket(fileno=fds[0]), (host, port))
 
 
 def _become_receiver_process() -> None:

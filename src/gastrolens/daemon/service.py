@@ -53,7 +53,8 @@ class Service:
                                          log_level=logging.getLogger().getEffectiveLevel())
         else:
             self.ingest = DatabaseIngest(self.store, self.db, writers=settings.dicom.max_associations,
-                                         on_stored=self._count_stored)
+                                         on_stored=self._count_stored,
+                                         write_lock=threading.Lock() if self.db.engine.dialect.name == "sqlite" else None)
             self.receiver = Receiver(settings.dicom, self.ingest)
         self.scheduler = Scheduler()
         self.engine: Engine | None = None

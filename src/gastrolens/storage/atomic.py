@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, fsync: bool = True) -> Path:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], *, fsync: bool = True) -> Path:
     """Call ``write(fh)`` on a temporary file beside ``path``, then rename it into place.
 
     On any error the temporary file is removed and ``path`` is untouched. With ``fsync``
@@ -30,7 +30,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, fsync: bool =
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return path
 
 
@@ -38,7 +38,8 @@ def write_bytes_atomic(path: Path, data: bytes, *, fsync: bool = True) -> Path:
     return write_atomic(path, lambda fh: fh.write(data), fsync=fsync)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of ``folder`` (a rename into it) durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

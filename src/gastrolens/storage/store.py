@@ -7,7 +7,10 @@ reach outside the root. Every write is atomic and, unless switched off, fsync'd.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -15,7 +18,11 @@ from typing import Any
 
 from pydicom.uid import UID
 
-from gastrolens.storage.atomic import write_bytes_atomic
+from gastrolens.storage.atomic import fsync_dir, write_bytes_atomic
+
+INCOMING = "instances/.incoming"
+"""Received bytes are written (and fsync'd) here first, then renamed into place."""
+STALE_INCOMING_SECONDS = 3600
 from gastrolens.errors import StorageError
 
 
@@ -26,9 +33,11 @@ class Store:
         self.root = Path(root)
         self.fsync = fsync
         self.min_free_bytes = min_free_mb * 1024 * 1024
-        for folder in ("instances", "outputs", "quarantine"):
+        for folder in ("instances", "outputs", "quarantine", INCOMING):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._resolved_root = self.root.resolve()
+        self._incoming = self.root / INCOMING
+        self._remove_stale_incoming()
 
     def has_room(self) -> bool:
         return shutil.disk_usage(self.root).free >= self.min_free_bytes
@@ -53,6 +62,49 @@ class Store:
             return write_bytes_atomic(self.absolute(relative), data, fsync=self.fsync)
         except OSError as exc:
             raise StorageError(f"cannot write {relative}: {exc.strerror or exc}") from exc
+
+    def stage(self, data: bytes) -> Path:
+        """Write ``data`` to a new file under the incoming folder, fsync'd unless switched off.
+
+        The slow half of a durable write, done before the instance's final path (which
+        needs its version, hence the database) is known; :meth:`place` finishes it.
+        """
+        try:
+            fd, name = tempfile.mkstemp(prefix="rx-", suffix=".part", dir=self._incoming)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot write a received instance: {exc.strerror or exc}") from exc
+        return Path(name)
+
+    def place(self, staged: Path, relative: str) -> Path:
+        """Rename a staged file to ``relative`` and make the rename durable (folder fsync)."""
+        try:
+            path = self.absolute(relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, path)
+            if self.fsync:
+                fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot place {relative}: {exc.strerror or exc}") from exc
+        return path
+
+    def discard(self, staged: Path) -> None:
+        staged.unlink(missing_ok=True)
+
+    def _remove_stale_incoming(self) -> None:
+        """Staged files a crash left behind (never answered with success); recent ones may
+        belong to a receiver process starting beside this one."""
+        cutoff = time.time() - STALE_INCOMING_SECONDS
+        for path in self._incoming.glob("rx-*.part"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass
 
     def remove(self, relative: str) -> bool:
         """Delete a stored file; False when it was already gone."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -33,7 +35,7 @@ from gastrolens.dicom_io.net.received import (
     ReceivedInstance,
     RequestFacts,
 )
-from gastrolens.dicom_io.net.tls import HandshakeInThreadServer, server_context
+from gastrolens.dicom_io.net.tls import HandoffServer, HandshakeInThreadServer, server_context
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +82,24 @@ class AccessPolicy:
         return None
 
 
-class _ReusePortServer(HandshakeInThreadServer):
-    reuse_port = True
-
-
 class Receiver:
     """Owns the pynetdicom AE and its server; ``start()`` binds, ``stop()`` drains.
 
-    ``reuse_port``: bind with SO_REUSEPORT, so that several receiver processes can serve
-    one port (see ``gastrolens.daemon.receivers``); ``node_associations``: the count of
+    ``handoff``: listen nowhere; serve the connections another process accepted and
+    hands over with :meth:`serve_connection` (several receiver processes behind one
+    port, see ``gastrolens.daemon.receivers``). ``node_associations``: the count of
     negotiated associations shared by those processes, which keeps
-    ``max_associations`` a limit for the whole node.
+    ``max_associations`` a limit for the whole node. ``on_connection_end``: called once
+    per connection when it is over, whatever happened.
     """
 
-    def __init__(self, settings: DicomSettings, ingest: Ingest, *, reuse_port: bool = False,
-                 node_associations: SharedCount | None = None) -> None:
+    def __init__(self, settings: DicomSettings, ingest: Ingest, *, handoff: bool = False,
+                 node_associations: SharedCount | None = None,
+                 on_connection_end: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.ingest = ingest
-        self.reuse_port = reuse_port
+        self.handoff = handoff
+        self.on_connection_end = on_connection_end
         self.node_associations = node_associations
         self._counted: set[int] = set()
         self.policy = AccessPolicy.from_settings(settings)
@@ -143,32 +145,47 @@ class Receiver:
             (self.settings.bind, self.settings.port),
             ssl_context=server_context(self.settings.tls),
             evt_handlers=handlers,
-            server_class=_ReusePortServer if self.reuse_port else HandshakeInThreadServer,
+            server_class=HandoffServer if self.handoff else HandshakeInThreadServer,
         ))
         server.handshake_timeout = self.settings.network_timeout_seconds
         server.connection_timeout = self.settings.network_timeout_seconds
         server.on_handshake_failure = self._on_tls_failure
+        server.on_connection_failed = self.on_connection_end
         self.connections.start()
-        threading.Thread(target=make_target(server.serve_forever), name="gastrolens-acceptor", daemon=True).start()
-        pynetdicom_private.register_server(self.ae, server)
+        if not self.handoff:
+            threading.Thread(target=make_target(server.serve_forever), name="gastrolens-acceptor", daemon=True).start()
+            pynetdicom_private.register_server(self.ae, server)
         self._server = server
         self._accepting.set()
         if not self.policy.calling_aets:
             log.warning("dicom.allowed_calling_aets is empty: any calling AE title may store")
-        log.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.bind, self.port)
+        if not self.handoff:
+            log.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.bind, self.port)
+
+    def serve_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Serve a connection accepted elsewhere (``handoff`` mode), in a thread of its own."""
+        if self._server is None or not self._accepting.is_set():
+            sock.close()
+            if self.on_connection_end is not None:
+                self.on_connection_end()
+            return
+        self._server.process_request(sock, address)
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Refuse new associations, let in-flight ones finish (up to ``drain_seconds``), close."""
         if self._server is None:
             return
         self._accepting.clear()
-        self._server.shutdown()
+        if not self.handoff:
+            self._server.shutdown()
         deadline = time.monotonic() + drain_seconds
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.ae.active_associations:
             log.warning("aborting %d association(s) still open after %.0f s", len(self.ae.active_associations), drain_seconds)
         self.ae.shutdown()
+        if self.handoff:
+            self._server.server_close()
         self.connections.stop()
         self._server = None
 
@@ -207,6 +224,8 @@ class Receiver:
         return None
 
     def _on_ended(self, assoc: Association) -> None:
+        if self.on_connection_end is not None:
+            self.on_connection_end()
         if self.node_associations is not None and id(assoc) in self._counted:
             self._counted.discard(id(assoc))
             with self.node_associations.get_lock():

@@ -46,19 +46,24 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
     after construction. Every connection's socket gets ``connection_timeout``: a peer that
     stalls in the middle of a PDU is dropped after that long instead of holding its
     thread and its association slot forever (accepted sockets have no timeout otherwise).
-    Subclasses with ``reuse_port = True`` let several processes listen on one port.
     """
 
     handshake_timeout: float = 30.0
     connection_timeout: float | None = None
     on_handshake_failure: HandshakeFailure | None = None
-    reuse_port: bool = False
+    on_connection_failed: Callable[[], None] | None = None
+    """Called when a connection ends before pynetdicom sees it (a failed handshake)."""
+    handoff: bool = False
+    """True: the server neither binds nor listens; connections accepted elsewhere (another
+    process) are handed to it with ``process_request`` (see ``gastrolens.daemon.receivers``)."""
 
     def server_bind(self) -> None:
-        if self.reuse_port:
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if not self.handoff:
+            super().server_bind()
+
+    def server_activate(self) -> None:
+        if not self.handoff:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -71,6 +76,8 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
                 request = self.ssl_context.wrap_socket(request, server_side=True)
             except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts and resets are OSErrors
                 self._handshake_failed(request, client_address, exc)
+                if self.on_connection_failed is not None:
+                    self.on_connection_failed()
                 return
         request.settimeout(self.connection_timeout)
         super().process_request_thread(request, client_address)
@@ -88,3 +95,9 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
         log.warning("TLS handshake with %s failed: %s", peer, exc)
         if self.on_handshake_failure is not None:
             self.on_handshake_failure(peer, exc)
+
+
+class HandoffServer(HandshakeInThreadServer):
+    """A server for connections accepted by another process and handed over."""
+
+    handoff = True

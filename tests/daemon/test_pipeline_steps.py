@@ -262,3 +262,23 @@ def test_drain_stops_when_asked(make_stage, tiny_engine, study_uid):
     step.close()
     assert count(stage, Instance, Instance.state == InstanceState.DONE) == 2
     assert count(stage, Instance, Instance.state == InstanceState.RECEIVED) == 3
+
+
+def test_a_quirky_source_gets_its_outputs_and_the_quirk_is_recorded(stage, tiny_engine, study_uid):
+    from io import BytesIO
+
+    from gastrolens.samples import as_dicom, endoscopy_frame
+
+    frame, _ = endoscopy_frame(60, 80, None, seed=3)
+    ds = as_dicom(frame, study_uid=study_uid, jpeg_quality=90)
+    del ds.Modality
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    uid = stage.receive(study_uid, data=buffer.getvalue())
+    report = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    assert (report.done, report.failed) == (1, 0)
+    with stage.db.session() as s:
+        instance = s.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
+        event = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.INSTANCE_DONE)).one()
+    assert instance.quirks and any("Modality" in q for q in instance.quirks)
+    assert json.loads(event.detail)["quirks"] == instance.quirks

@@ -247,3 +247,30 @@ def test_study_report_revision_is_compare_and_set(db):
         assert sr.model_sha256 == "b" * 64 and s.scalar(select(func.count()).select_from(Delivery)) == 1
         event = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.STUDY_REPORTED)).one()
         assert [m["weights_sha256"] for m in json.loads(event.detail)["models"]] == ["a" * 64, "b" * 64]
+
+
+def test_quirks_are_kept_on_the_instance_and_in_its_audit_event(db):
+    add_instances(db, 2)
+    with db.session() as s:
+        plain, odd = claim_instances(s, "a", limit=2, lease_seconds=60, now=T0)
+        finish_instance(s, plain, worker="a", findings=[finding()], outputs=[], destinations=[], now=T0)
+        finish_instance(s, odd, worker="a", findings=[finding()], outputs=[], destinations=[], now=T0,
+                        quirks=["Modality missing: wrote ES"])
+    with db.session() as s:
+        assert s.get(Instance, plain.id).quirks is None
+        assert s.get(Instance, odd.id).quirks == ["Modality missing: wrote ES"]
+        details = [json.loads(e.detail) for e in
+                   s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.INSTANCE_DONE)
+                             .order_by(AuditEvent.id))]
+    assert "quirks" not in details[0] and details[1]["quirks"] == ["Modality missing: wrote ES"]
+
+
+def test_the_migrations_build_exactly_the_tables(db):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from gastrolens.db.tables import Base
+
+    with db.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert differences == []

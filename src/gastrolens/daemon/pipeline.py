@@ -35,12 +35,12 @@ from gastrolens.daemon.decoding import (
     decode_process_count,
     decode_workers,
 )
-from gastrolens.daemon.workers import output_workers
+from gastrolens.daemon.workers import output_workers, write_outputs_in_worker
 from gastrolens.db import Database
 from gastrolens.db.queue import ClaimedInstance, claim_instances
 from gastrolens.db.tables import utcnow
 from gastrolens.db.transitions import NewOutput, fail_instance, finish_instance, release_instances
-from gastrolens.dicom_io.documents.outputs import WrittenOutput, write_outputs
+from gastrolens.dicom_io.documents.outputs import WrittenOutputs, write_outputs
 from gastrolens.storage.store import Store
 from gastrolens.errors import DatabaseError, DeviceError, GastroLensError
 from gastrolens.findings import ImageFinding
@@ -280,22 +280,22 @@ class InferenceStep:
         args = (item.dataset, item.findings, self._output_dir(item.claim), self.settings.outputs)
         return args, {"frames": item.frames, "fsync": self.settings.storage.fsync}
 
-    def _submit_outputs(self, item: _Work) -> Future[list[WrittenOutput]]:
+    def _submit_outputs(self, item: _Work) -> Future[WrittenOutputs]:
         args, options = self._output_args(item)
         if self._builders is not None:
             try:
-                return self._builders.submit(write_outputs, *args, **options)
+                return self._builders.submit(write_outputs_in_worker, *args, **options)
             except BrokenProcessPool:
                 self._replace_builders()
-                return self._builders.submit(write_outputs, *args, **options)  # type: ignore[union-attr]
-        future: Future[list[WrittenOutput]] = Future()
+                return self._builders.submit(write_outputs_in_worker, *args, **options)  # type: ignore[union-attr]
+        future: Future[WrittenOutputs] = Future()
         try:
             future.set_result(write_outputs(*args, **options))
         except Exception as exc:
             future.set_exception(exc)
         return future
 
-    def _built(self, item: _Work, build: Future[list[WrittenOutput]]) -> list[WrittenOutput]:
+    def _built(self, item: _Work, build: Future[WrittenOutputs]) -> WrittenOutputs:
         try:
             return build.result()
         except BrokenProcessPool:
@@ -306,7 +306,7 @@ class InferenceStep:
             args, options = self._output_args(item)
             return write_outputs(*args, **options)
 
-    def _record_outputs(self, item: _Work, build: Future[list[WrittenOutput]]) -> str | None:
+    def _record_outputs(self, item: _Work, build: Future[WrittenOutputs]) -> str | None:
         """Wait for the instance's outputs and commit everything; the failure reason, or None."""
         try:
             written = self._built(item, build)
@@ -314,13 +314,16 @@ class InferenceStep:
             return f"cannot write outputs: {exc}"
         except Exception as exc:  # a worker process that died, or an error that did not pickle
             return f"cannot write outputs: {exc.__class__.__name__}: {exc}"
+        # A worker's CPU since its previous image, or this thread's inside write_outputs.
+        metrics.add_stage_cpu(metrics.Stage.OUTPUTS, written.cpu_seconds)
         outputs = [NewOutput(kind=w.kind, sop_instance_uid=w.sop_instance_uid,
                              series_instance_uid=w.series_instance_uid, sop_class_uid=w.sop_class_uid,
                              file_path=self.store.relative(w.path)) for w in written]
         try:
             with metrics.stage_cpu(metrics.Stage.RECORD), self.db.session() as session:
                 finished = finish_instance(session, item.claim, worker=self.worker, findings=item.findings,
-                                           outputs=outputs, destinations=self._destination_names, now=utcnow())
+                                           outputs=outputs, quirks=written.quirks,
+                                           destinations=self._destination_names, now=utcnow())
         except DatabaseError as exc:  # this instance fails alone; the batch goes on
             return f"cannot record results: {exc}"
         if not finished:

@@ -117,6 +117,8 @@ class Instance(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    quirks: Mapped[list[str] | None] = mapped_column(JSON)
+    """What was wrong with the source and how its outputs were written anyway (None: nothing)."""
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """Set when retention removed the stored file."""
 

@@ -53,10 +53,13 @@ def _event(claim: ClaimedInstance, **fields: Any) -> audit.Event:
 
 
 def finish_instance(session: Session, claim: ClaimedInstance, *, worker: str, findings: Sequence[ImageFinding],
-                    outputs: Sequence[NewOutput], destinations: Sequence[str], now: datetime) -> bool:
+                    outputs: Sequence[NewOutput], destinations: Sequence[str], now: datetime,
+                    quirks: Sequence[str] = ()) -> bool:
     """``claimed -> done``: results, outputs, their deliveries and the audit events, in ``session``.
 
-    False (and nothing written) when ``worker`` no longer holds the claim.
+    ``quirks`` (what was wrong with the source and how it was read anyway) are kept on the
+    instance and named in its audit event. False (and nothing written) when ``worker`` no
+    longer holds the claim.
     """
     instance = _hold(session, claim, worker)
     if instance is None:
@@ -72,12 +75,13 @@ def finish_instance(session: Session, claim: ClaimedInstance, *, worker: str, fi
     instance.finished_at = now
     instance.claimed_by = instance.lease_expires_at = None
     instance.error = None
+    instance.quirks = list(quirks) or None
     audit.record(session, _event(
-        claim, type=AuditEventType.INSTANCE_DONE, actor=worker, outcome=Outcome.SUCCESS,
+        claim, type=AuditEventType.INSTANCE_DONE, actor=worker, outcome=Outcome.WARNING if quirks else Outcome.SUCCESS,
         detail={"instance_id": claim.id, "frames": len(findings),
                 "predicted": sorted({f.predicted.value for f in findings}),
                 "model": model.name, "model_version": model.version, "weights_sha256": model.weights_sha256,
-                "untrained": model.untrained}))
+                "untrained": model.untrained, **({"quirks": list(quirks)} if quirks else {})}))
     return True
 
 

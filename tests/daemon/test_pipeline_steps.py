@@ -282,3 +282,46 @@ def test_a_quirky_source_gets_its_outputs_and_the_quirk_is_recorded(stage, tiny_
         event = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.INSTANCE_DONE)).one()
     assert instance.quirks and any("Modality" in q for q in instance.quirks)
     assert json.loads(event.detail)["quirks"] == instance.quirks
+
+
+@pytest.fixture(scope="module")
+def second_engine():
+    """Another model: same architectures, other weights (seed 1), so another weights sha256."""
+    from gastrolens.models import Engine, untrained_package
+
+    engine = Engine(untrained_package(classifier_input_size=64, segmenter_input_size=65, seed=1), device="cpu",
+                    batch_size=4)
+    yield engine
+    engine.close()
+
+
+def test_a_study_judged_by_two_models_gets_one_sr_naming_both(stage, tiny_engine, second_engine, study_uid):
+    first, second = tiny_engine.identity.weights_sha256, second_engine.identity.weights_sha256
+    assert first != second
+    stage.receive(study_uid, seed=1)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    stage.receive(study_uid, seed=2)  # the model was updated between the two images
+    InferenceStep(stage.settings, stage.db, stage.store, second_engine, "w").run_once()
+    assert StudyCompletion(stage.settings, stage.db, stage.store, "w").run_once() == 1
+    with stage.db.session() as s:
+        report = s.scalars(select(Output).where(Output.kind == OutputKind.STUDY_SR)).one()
+        event = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.STUDY_REPORTED)).one()
+    assert report.model_sha256 == second, "the model of the newest finding"
+    assert [m["weights_sha256"] for m in json.loads(event.detail)["models"]] == [first, second]
+    sr = stage.store.absolute(report.file_path).read_bytes()
+    assert f"weights_sha256={first}".encode() in sr and f"weights_sha256={second}".encode() in sr
+
+
+def test_an_instance_processed_again_counts_once_by_its_newest_result(stage, tiny_engine, second_engine, study_uid):
+    uid = stage.receive(study_uid, seed=1)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    with stage.db.session() as s:  # processed again, as an operator's reprocessing would
+        s.execute(update(Instance).where(Instance.sop_instance_uid == uid).values(state=InstanceState.RECEIVED))
+    InferenceStep(stage.settings, stage.db, stage.store, second_engine, "w").run_once()
+    assert count(stage, Result) == 2, "one result per model for the one frame"
+    assert StudyCompletion(stage.settings, stage.db, stage.store, "w").run_once() == 1
+    with stage.db.session() as s:
+        event = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.STUDY_REPORTED)).one()
+    detail = json.loads(event.detail)
+    assert detail["images"] == 1
+    assert [m["weights_sha256"] for m in detail["models"]] == [second_engine.identity.weights_sha256]

@@ -5,6 +5,12 @@ arrived at least ``study_quiet_seconds`` ago, and it has results newer than its 
 report. A later instance therefore produces revision n+1, which names revision n in
 its Predecessor Documents Sequence. The revision counter is advanced with a
 compare-and-set, so two processes never write the same revision twice.
+
+Each frame counts once, by its newest result. A study whose frames were judged by
+different models (the model was updated while it arrived) gets one SR that names every
+one of them, and so does its audit event: its older results are not reprocessed, since
+their sources may already be gone by retention and their per-image outputs were
+delivered under the older model.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ class InferenceStep:
         return work, started
 
     def _claim_and_decode(self) -> list[tuple[ClaimedInstance, Future[Decoded]]] | None:
-        with self.db.session() as session:
+        with metrics.stage_cpu(metrics.Stage.RECORD), self.db.session() as session:  # the queue's database work
             claims = claim_instances(session, self.worker, limit=self.settings.model.batch_size,
                                      lease_seconds=self.settings.scheduler.lease_seconds, now=utcnow())
         if not claims:

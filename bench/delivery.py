@@ -104,7 +104,8 @@ def run(work: Path, outputs: list[tuple[Path, str, str, str, str]], label: str, 
     else:
         port = free_port()
         peer = subprocess.Popen([STORESCP, "+xa", "-aet", "PEER", "-od", str(folder), str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "TCP_NODELAY": "1"})
         wait_for_port(port)
         destination = {"name": "dest", "ae_title": "PEER", "host": "127.0.0.1", "port": port}
     settings = Settings.model_validate({"storage": {"root": str(work / "storage"), "fsync": fsync},
@@ -146,7 +147,8 @@ def seed_deliveries(db, store, outputs) -> None:  # type: ignore[no-untyped-def]
         s.add(series)
         s.flush()
         instance = Instance(sop_instance_uid="1.2.3.999.1.1", series_id=series.id, study_id=study.id,
-                            sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.1", transfer_syntax_uid="1.2.840.10008.1.2.4.50",
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.1",
+                            transfer_syntax_uid="1.2.840.10008.1.2.4.50",
                             file_path="in.dcm", sha256="0" * 64, size_bytes=1)
         s.add(instance)
         s.flush()

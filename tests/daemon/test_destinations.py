@@ -37,12 +37,13 @@ def test_kind_is_optional_for_existing_configurations(tmp_path):
 
 @pytest.mark.parametrize("block, key, reason", [
     ('name = "pacs"\nhost = "h"\n', "destinations.0", "needs ae_title, host and port (missing: ae_title, port)"),
-    ('kind = "dicom"\nname = "pacs"\nfolder = "/x"\nae_title = "A"\nhost = "h"\nport = 1\n', "destinations.0.dicom.folder",
-     "unknown key"),
+    ('kind = "dicom"\nname = "pacs"\nfolder = "/x"\nae_title = "A"\nhost = "h"\nport = 1\n',
+     "destinations.0.dicom.folder", "unknown key"),
     ('name = "x"\nae_title = "A"\nhost = "h"\nport = 1\nfolder = "/x"\n', "destinations.0", "not both"),
     ('kind = "ftp"\nname = "x"\n', "destinations.0", "'dicom', 'folder'"),
     ('kind = "folder"\nname = "x"\n', "destinations.0.folder.folder", "Field required"),
-    ('name = "p"\nae_title = "A\\\\B"\nhost = "h"\nport = 1\n', "destinations.0.dicom.ae_title", "not a valid AE title"),
+    ('name = "p"\nae_title = "A\\\\B"\nhost = "h"\nport = 1\n', "destinations.0.dicom.ae_title",
+     "not a valid AE title"),
 ])
 def test_a_bad_destination_names_file_key_and_reason(tmp_path, block, key, reason):
     path = tmp_path / "gastrolens.toml"

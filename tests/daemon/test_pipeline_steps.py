@@ -14,10 +14,10 @@ from gastrolens.daemon.delivery import DeliveryStep, requeue
 from gastrolens.daemon.pipeline import InferenceStep
 from gastrolens.daemon.retention import RetentionStep
 from gastrolens.db.queue import claim_instances
-from gastrolens.db.transitions import fail_instance
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState
-from gastrolens.findings import OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study, utcnow
+from gastrolens.db.transitions import fail_instance
+from gastrolens.findings import OutputKind
 from support import free_port
 
 
@@ -191,13 +191,14 @@ def _refuse_results_of(stage, sop_uid: str, message: str) -> None:
         instance_id = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid))
     with stage.db.engine.begin() as conn:
         if stage.db.engine.dialect.name == "sqlite":
-            conn.execute(text(f"CREATE TRIGGER refuse_one BEFORE INSERT ON results WHEN NEW.instance_id = {instance_id} "
-                              f"BEGIN SELECT RAISE(ABORT, '{message}'); END"))
+            conn.execute(text(f"CREATE TRIGGER refuse_one BEFORE INSERT ON results "
+                              f"WHEN NEW.instance_id = {instance_id} BEGIN SELECT RAISE(ABORT, '{message}'); END"))
         else:
             conn.execute(text(f"CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
                               f"IF NEW.instance_id = {instance_id} THEN RAISE EXCEPTION '{message}'; END IF; "
                               f"RETURN NEW; END $$"))
-            conn.execute(text("CREATE TRIGGER refuse_one BEFORE INSERT ON results FOR EACH ROW EXECUTE FUNCTION refuse_one()"))
+            conn.execute(text("CREATE TRIGGER refuse_one BEFORE INSERT ON results FOR EACH ROW "
+                              "EXECUTE FUNCTION refuse_one()"))
 
 
 def test_a_database_error_fails_one_instance_not_the_batch(stage, tiny_engine, study_uid):

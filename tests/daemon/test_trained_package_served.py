@@ -48,7 +48,8 @@ def test_daemon_serves_a_trained_package(tmp_path, sqlite_url, sample_files, tra
     with db.session() as session:
         result = session.scalars(select(Result)).one()
         outputs = session.scalars(select(Output)).all()
-    assert (result.model_name, result.model_version, result.model_sha256) == (card.name, card.version, card.weights_sha256)
+    served = (result.model_name, result.model_version, result.model_sha256)
+    assert served == (card.name, card.version, card.weights_sha256)
     assert result.untrained is False
     assert outputs
     for output in outputs:

@@ -33,16 +33,15 @@ def test_chain_links_each_row_to_the_previous(db):
     with db.session() as s:
         rows = s.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
         assert rows[0].prev_hash == audit.GENESIS_HASH
-        assert all(b.prev_hash == a.hash for a, b in zip(rows, rows[1:]))
+        assert all(b.prev_hash == a.hash for a, b in zip(rows, rows[1:], strict=False))
         assert audit.verify_chain(s).intact
 
 
 def test_database_refuses_update_and_delete(db):
     add_events(db, 2)
     for statement in ("UPDATE audit_events SET actor = 'x'", "DELETE FROM audit_events"):
-        with pytest.raises(sqlalchemy.exc.SQLAlchemyError, match="append-only"):
-            with db.engine.begin() as conn:
-                conn.execute(text(statement))
+        with pytest.raises(sqlalchemy.exc.SQLAlchemyError, match="append-only"), db.engine.begin() as conn:
+            conn.execute(text(statement))
 
 
 def _drop_guard(db: Database) -> None:
@@ -89,9 +88,8 @@ def test_concurrent_writers_keep_one_chain(db):
 
 
 def test_event_commits_with_its_transaction(db):
-    with pytest.raises(RuntimeError):
-        with db.session() as s:
-            audit.record(s, audit.Event(type=AuditEventType.ECHO, actor="x"))
-            raise RuntimeError("the state change failed")
+    with pytest.raises(RuntimeError), db.session() as s:
+        audit.record(s, audit.Event(type=AuditEventType.ECHO, actor="x"))
+        raise RuntimeError("the state change failed")
     with db.session() as s:
         assert s.scalar(select(sqlalchemy.func.count()).select_from(AuditEvent)) == 0

@@ -144,8 +144,8 @@ def deliveries(db: Database, destinations=("pacs",), outputs: int = 1) -> None:
     add_instances(db, 1)
     with db.session() as s:
         (claim,) = claim_instances(s, "a", limit=1, lease_seconds=60, now=T0)
-        finish_instance(s, claim, worker="a", findings=[finding()], outputs=[output(f"1.2.9.{i}") for i in range(outputs)],
-                        destinations=list(destinations), now=T0)
+        finish_instance(s, claim, worker="a", findings=[finding()],
+                        outputs=[output(f"1.2.9.{i}") for i in range(outputs)], destinations=list(destinations), now=T0)
 
 
 def claim_one(db: Database, worker: str, now, **where):
@@ -233,8 +233,9 @@ def test_study_report_revision_is_compare_and_set(db):
         study_id = s.scalar(select(Study.id))
     other = ModelIdentity("test-model", "2", "b" * 64, untrained=False)
     report = StudyReport(study_id=study_id, study_instance_uid="1.2.3", revision=1,
-                         output=NewOutput(kind=OutputKind.STUDY_SR, sop_instance_uid="1.2.8.1", series_instance_uid="1.2.8",
-                                          sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33", file_path="outputs/s1.dcm"),
+                         output=NewOutput(kind=OutputKind.STUDY_SR, sop_instance_uid="1.2.8.1",
+                                          series_instance_uid="1.2.8", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
+                                          file_path="outputs/s1.dcm"),
                          conclusion="pu", reported=["pu"], images=2, models=[MODEL, other])
     with db.session() as s:
         assert record_study_report(s, report, worker="a", destinations=["pacs"], now=T0)

@@ -134,7 +134,8 @@ class StudyCompletion:
                 frames[instance.id] = {}
             frames[instance.id][result.frame_number] = result
         pairs = [(headers[i], [finding_from_result(frames[i][n]) for n in sorted(frames[i])]) for i in headers]
-        newest = sorted((r for by_frame in frames.values() for r in by_frame.values()), key=lambda r: (r.created_at, r.id))
+        current = [r for by_frame in frames.values() for r in by_frame.values()]
+        newest = sorted(current, key=lambda r: (r.created_at, r.id))
         models = list(dict.fromkeys(_identity(r) for r in reversed(newest)))[::-1]
         return pairs, models
 

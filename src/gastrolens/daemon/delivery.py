@@ -66,8 +66,9 @@ class DeliveryStep:
     def _claim(self, now: datetime, *, destination: str | None = None,
                unknown_to: Sequence[str] | None = None) -> list[ClaimedDelivery]:
         with self.db.session() as session:
-            return claim_deliveries(session, self.worker, limit=BATCH, lease_seconds=self.settings.scheduler.lease_seconds,
-                                    now=now, destination=destination, unknown_to=unknown_to)
+            return claim_deliveries(session, self.worker, limit=BATCH,
+                                    lease_seconds=self.settings.scheduler.lease_seconds, now=now,
+                                    destination=destination, unknown_to=unknown_to)
 
     def _outgoing(self, claims: Sequence[ClaimedDelivery]) -> list[Outgoing]:
         return [Outgoing(path=self.store.absolute(c.file_path), sop_class_uid=c.sop_class_uid,
@@ -78,7 +79,7 @@ class DeliveryStep:
         """Record each result as it comes; claims the sender gave no result for are released."""
         done = 0
         try:
-            for claim, result in zip(claims, results):
+            for claim, result in zip(claims, results, strict=False):  # a sender that stops early leaves claims
                 self._record(claim, result)
                 done += 1
         finally:

@@ -287,7 +287,7 @@ class InferenceStep:
                 return self._builders.submit(write_outputs_in_worker, *args, **options)
             except BrokenProcessPool:
                 self._replace_builders()
-                return self._builders.submit(write_outputs_in_worker, *args, **options)  # type: ignore[union-attr]
+                return self._builders.submit(write_outputs_in_worker, *args, **options)
         future: Future[WrittenOutputs] = Future()
         try:
             future.set_result(write_outputs(*args, **options))

@@ -2,7 +2,7 @@
 # Both create .venv and install the Debian tools the tests use when they are missing.
 # `make check` lints (ruff) and type-checks (mypy); `make test` runs it first (CI runs `make test`).
 # `make test-fast`: the suite without the subprocess daemon, real peers (DCMTK, Orthanc,
-# Chromium) and PostgreSQL, for the edit-test loop; markers are set in tests/conftest.py.
+# Chromium), PostgreSQL and training runs, for the edit-test loop; markers are set in tests/conftest.py.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -38,7 +38,7 @@ test: bootstrap check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not postgres and not daemon and not peer" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not postgres and not daemon and not peer and not trains" $(PYTEST_ARGS)
 
 bench: bootstrap
 	$(BIN)/python bench/ingest.py

@@ -2,7 +2,8 @@
 
 The collection hook below marks tests by what they use, so no test file has to say it:
 ``postgres`` (a PostgreSQL parameter or fixture), ``daemon`` (`gastrolens serve` in a
-subprocess) and ``peer`` (DCMTK, Orthanc, Chromium). ``make test-fast`` leaves those three out.
+subprocess), ``peer`` (DCMTK, Orthanc, Chromium) and ``trains`` (training epochs).
+``make test-fast`` leaves those four out.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ _DAEMON_FOLDERS = ("pipeline_e2e",)
 _PEER_FIXTURES = {"storescp", "orthanc_factory", "page", "browser", "context"}
 _PEER_CALLS = ("storescu(", "dcmtk(", "start_storescp(", "Orthanc(", "chromium", "playwright")
 _POSTGRES_FIXTURES = {"postgres_url"}
+_TRAINING_MODULES = ("test_train_evaluate.py", "test_reproducibility.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -83,6 +85,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.daemon)
         if fixtures & _PEER_FIXTURES or any(c in source for c in _PEER_CALLS) or "chromium" in item.path.name:
             item.add_marker(pytest.mark.peer)
+        if item.path.name in _TRAINING_MODULES and "training" in parts:
+            item.add_marker(pytest.mark.trains)
         params = item.callspec.params.values() if hasattr(item, "callspec") else ()
         if fixtures & _POSTGRES_FIXTURES or any(isinstance(v, str) and v == "postgresql" for v in params):
             item.add_marker(pytest.mark.postgres)

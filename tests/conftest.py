@@ -66,7 +66,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 _DAEMON_FIXTURES = {"daemon", "daemons", "tls_daemon"}
 _DAEMON_CALLS = ("start_daemon(",)
-_DAEMON_FOLDERS = ("pipeline_e2e",)
+_DAEMON_FOLDERS = ("pipeline_e2e", "robustness")  # whole folders that run against a served daemon
 _PEER_FIXTURES = {"storescp", "orthanc_factory", "page", "browser", "context"}
 _PEER_CALLS = ("storescu(", "dcmtk(", "start_storescp(", "Orthanc(", "chromium", "playwright")
 _POSTGRES_FIXTURES = {"postgres_url"}

@@ -180,7 +180,9 @@ url = "sqlite:///{folder / 'gastrolens.db'}"
                                   stderr=stderr, text=True, env=env)
     try:
         port = _ready_port(daemon)
+        cpu_before = _cpu_seconds(daemon.pid)
         elapsed = storescu(port, "GASTROLENS", files, associations)
+        cpu_after = _cpu_seconds(daemon.pid)
     finally:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(timeout=120)
@@ -194,6 +196,9 @@ url = "sqlite:///{folder / 'gastrolens.db'}"
         raise SystemExit(f"GastroLens: expected {count}, database says {received} received "
                          f"({status['quarantined']} quarantined), {stored} files stored")
     rate = count / elapsed
+    cpu = {name: (cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0)) * 1000 / count for name in cpu_after}
+    print(f"  GastroLens, {associations} association(s): CPU ms per instance: "
+          + ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(cpu.items())))
     print(f"  GastroLens, {associations} association(s): {count} in {elapsed:.2f} s = {rate:.1f} instances/s; "
           f"status --json: received {received}, files {stored}")
     return rate
@@ -224,6 +229,27 @@ def run_storescp(folder: Path, files: Path, count: int) -> float:
     rate = count / elapsed
     print(f"  storescp:   {count} in {elapsed:.2f} s = {rate:.1f} instances/s; files {stored}")
     return rate
+
+
+def _cpu_seconds(daemon_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the daemon process and of its children, by name
+    (the receiver processes call themselves gl-receiver)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == daemon_pid:
+            name = "daemon"
+        elif ppid != daemon_pid:
+            continue
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
 
 
 def _ready_port(process: subprocess.Popen[str], timeout: float = 120) -> int:

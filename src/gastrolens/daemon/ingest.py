@@ -3,16 +3,16 @@
 One C-STORE: check free space -> write the bytes as received to a staging file and
 fsync it (on a writer thread, while this one inspects the header) -> in one database
 transaction: decide the version (duplicate, new, new version), rename the staged file
-into place and fsync its folder (on the writer thread, while this one inserts the
-rows), commit the instance row and its audit event -> answer 0x0000. The peer hears
+into place once its fsync is done and fsync its folder (on a writer thread, while this
+one inserts the rows), commit the instance row and its audit event -> answer 0x0000. The peer hears
 success only after the file is durable under its final name and the row is committed.
 Anything that cannot be stored is quarantined with its reason and audited, and
 answered with a failure status.
 
-The slow data fsync happens before the database's write lock is taken, so the lock
-is held only for the rows, the rename and the commit; on SQLite, ``write_lock`` (one
-lock shared by every receiver process) queues writers promptly instead of leaving
-them to SQLite's sleeping busy handler.
+The data fsync starts as soon as the bytes are in and overlaps the header inspection
+and then the inserts, so one association waits for little more than the commit; on
+SQLite, ``write_lock`` (one lock shared by every receiver process) queues writers
+promptly instead of leaving them to SQLite's sleeping busy handler.
 """
 
 from __future__ import annotations
@@ -115,7 +115,6 @@ class DatabaseIngest:
 
     def _persist(self, received: ReceivedInstance, header: InstanceHeader, staging: Future[Path]) -> IngestOutcome:
         """Place the staged bytes and commit the row; the commit comes only after the file is durable."""
-        staged = staging.result()  # a failed write raises StorageError here: nothing recorded
         placed: Path | None = None
         try:
             with self._write_lock, self.db.session() as session:
@@ -125,7 +124,8 @@ class DatabaseIngest:
                     log.info("duplicate %s from %s: nothing stored", header.sop_uid, received.actor)
                     return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.DUPLICATE)
                 relative = self.store.instance_path(header.study_uid, header.series_uid, header.sop_uid, plan.version)
-                placing = self._writer.submit(_counted, self.store.place, staged, relative)
+                # The rest of the data fsync, the rename and the folder fsync overlap the inserts.
+                placing = self._writer.submit(_counted, _place_when_staged, self.store, staging, relative)
                 try:
                     record_instance(session, header, plan, relative, calling_ae=received.calling_ae,
                                     peer_address=received.peer_address, actor=received.actor)
@@ -182,6 +182,10 @@ def _counted(work: Callable[..., Path], *args: Any) -> Path:
     """File work on a writer thread, its CPU time counted toward receiving."""
     with metrics.stage_cpu(metrics.Stage.RECEIVE):
         return work(*args)
+
+
+def _place_when_staged(store: Store, staging: Future[Path], relative: str) -> Path:
+    return store.place(staging.result(), relative)  # a failed staging write raises here
 
 
 def _discard_if_unplaced(store: Store, staging: Future[Path]) -> None:

@@ -112,6 +112,6 @@ def _source_with_local_helpers(function: types.FunctionType) -> str:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Here, not in tests/robustness/conftest.py: pytest reads options only from root conftests and plugins."""
-    parser.addoption("--robustness-cases", type=int, default=330,
-                     help="how many mutated DICOM cases tests/robustness sends (default 330)")
+    parser.addoption("--robustness-cases", type=int, default=220,
+                     help="how many mutated DICOM cases tests/robustness sends (default 220)")
     parser.addoption("--robustness-seed", type=int, default=20261201, help="seed of the robustness mutation generator")

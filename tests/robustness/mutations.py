@@ -309,7 +309,9 @@ def _sequence_blob(data: bytes, depth: int, items: int) -> bytes:
     item_close = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
     sequence_close = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
     empty_items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * items
-    return (sequence + item_open) * depth + (item_close + sequence_close) * depth + sequence + empty_items + sequence_close
+    if depth:
+        return (sequence + item_open) * depth + (item_close + sequence_close) * depth
+    return sequence + empty_items + sequence_close
 
 
 def _insert_before_pixels(data: bytes, blob: bytes) -> bytes:

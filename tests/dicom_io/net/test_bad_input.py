@@ -251,3 +251,13 @@ def test_hostile_header_strings_are_stored_clipped(receiver, tmp_path):
         study = s.scalars(select(Study)).one()
         assert study.patient_id == "P" + "9" * 63
         assert len(study.study_date or "") <= 8
+
+
+def test_native_ybr_full_422_is_judged_by_its_subsampled_size(receiver, tmp_path):
+    """YBR_FULL_422 native data holds two bytes a pixel, not three (pydicom's own test file)."""
+    import pydicom
+
+    source = Path(pydicom.__file__).parent / "data" / "test_files" / "SC_ybr_full_422_uncompressed.dcm"
+    path = tmp_path / "ybr.dcm"
+    path.write_bytes(source.read_bytes())
+    assert send_file(receiver.port, path) == 0x0000

@@ -96,7 +96,7 @@ def check_geometry(ds: Dataset, *, limits: GeometryLimits = GeometryLimits()) ->
     if geometry.encapsulated:
         _check_encapsulated(geometry, data)
     else:
-        _check_native(geometry, len(data))
+        _check_native(geometry, len(data), str(ds.get("PhotometricInterpretation", "")).strip())
     if geometry.decoded_bytes > limits.max_decoded_bytes:
         raise GeometryError(
             f"{geometry.frames} frames of {geometry.frame_bytes} bytes would decode to {geometry.decoded_bytes} bytes, "
@@ -134,9 +134,11 @@ def _is_encapsulated(syntax: UID) -> bool:
         raise GeometryError(f"transfer syntax {str(syntax)[:64]!r} is unknown") from exc
 
 
-def _check_native(geometry: Geometry, length: int) -> None:
-    needed = (geometry.rows * geometry.columns * geometry.samples_per_pixel * geometry.bits_allocated
-              * geometry.frames + 7) // 8
+def _check_native(geometry: Geometry, length: int, photometric: str) -> None:
+    samples = geometry.samples_per_pixel
+    if photometric == "YBR_FULL_422" and samples == 3:
+        samples = 2  # two luminance values share one Cb and one Cr (PS3.3 C.7.6.3.1.2)
+    needed = (geometry.rows * geometry.columns * samples * geometry.bits_allocated * geometry.frames + 7) // 8
     if length < needed:
         raise GeometryError(
             f"{geometry.frames} frame(s) of {geometry.rows} x {geometry.columns} x {geometry.samples_per_pixel} "

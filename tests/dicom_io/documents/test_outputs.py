@@ -288,18 +288,17 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch):
 
 def test_a_failed_fast_write_leaves_nothing_behind(tmp_path: Path, monkeypatch):
     source, findings = scenario()
-    real_write = outputs_module.write_bytes_atomic
+    real_write = outputs_module.write_atomic
 
-    def failing_write(path, data, *, fsync=True):
+    def failing_write(path, write, *, fsync=True):
         if path.name.startswith("overlay"):
             def explode(fh):
                 fh.write(b"partial")
                 raise OSError("disk full")
-            from gastrolens.storage.atomic import write_atomic
-            write_atomic(path, explode, fsync=fsync)
-        return real_write(path, data, fsync=fsync)
+            return real_write(path, explode, fsync=fsync)
+        return real_write(path, write, fsync=fsync)
 
-    monkeypatch.setattr(outputs_module, "write_bytes_atomic", failing_write)
+    monkeypatch.setattr(outputs_module, "write_atomic", failing_write)
     with pytest.raises(OutputError, match="disk full"):
         write_outputs(source, findings, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")

@@ -69,7 +69,8 @@ class BuiltObject:
     sop_instance_uid: str
     series_instance_uid: str
     sop_class_uid: str
-    data: bytes
+    parts: tuple[bytes | memoryview, ...]
+    """The file's bytes, to be written in order."""
 
 
 class _Cache:
@@ -290,11 +291,9 @@ def build_fast(
         )
         if template is None:
             raise TemplateRefused(OutputKind.OVERLAY.value)
-        drawn = b"".join(
-            draw_overlay_fast(frame, finding, model).tobytes()
-            for frame, finding in zip(frames, findings, strict=True)
-        )
-        values[PIXELS] = drawn + b"\0" * (len(drawn) % 2)
+        drawn = [draw_overlay_fast(frame, finding, model) for frame, finding in zip(frames, findings, strict=True)]
+        pixels = drawn[0] if len(drawn) == 1 else np.stack(drawn)
+        values[PIXELS] = pixels.data.cast("B")  # the drawn array itself, not a copy
         built.append(_object(OutputKind.OVERLAY, template, values, value_of, created, memo))
     return built
 
@@ -318,12 +317,11 @@ def _object(kind: OutputKind, template: Template, values: dict[str, Any],
         sop_instance_uid=uid,
         series_instance_uid=values[f"series:{kind.value}"],
         sop_class_uid=template.sop_class_uid,
-        data=render(template, uid, value_of, created, memo),
+        parts=tuple(render(template, uid, value_of, created, memo)),
     )
 
 
 def _pack_masks(masks: Sequence[np.ndarray]) -> bytes:
     """BINARY SEG frames, bit-packed one after another, least significant bit first (PS3.5 8.1.1)."""
     bits = np.concatenate([np.ascontiguousarray(mask, dtype=bool).ravel() for mask in masks])
-    packed = np.packbits(bits, bitorder="little").tobytes()
-    return packed + b"\0" * (len(packed) % 2)
+    return np.packbits(bits, bitorder="little").tobytes()

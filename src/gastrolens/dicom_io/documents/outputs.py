@@ -12,10 +12,10 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import highdicom as hd
 import numpy as np
@@ -32,7 +32,7 @@ from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr
 from gastrolens.dicom_io.documents.study_sr import build_study_sr
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import ImageFinding, ModelIdentity, OutputKind
-from gastrolens.storage.atomic import write_bytes_atomic
+from gastrolens.storage.atomic import write_atomic
 
 if TYPE_CHECKING:  # the models package imports torch: output workers must not
     from gastrolens.models.conclusion import StudyConclusion
@@ -206,7 +206,7 @@ def _write_fast(
         for obj in objects:
             path = output_path(out_dir, obj.kind, obj.sop_instance_uid)
             try:
-                write_bytes_atomic(path, obj.data, fsync=fsync)
+                write_atomic(path, _writer(obj.parts), fsync=fsync)
             except OSError as exc:
                 raise OutputError(f"could not write {path}: {exc}") from exc
             written.append(WrittenOutput(kind=obj.kind, path=path, sop_instance_uid=obj.sop_instance_uid,
@@ -216,6 +216,13 @@ def _write_fast(
             output.path.unlink(missing_ok=True)
         raise
     return written
+
+
+def _writer(parts: Sequence[bytes | memoryview]) -> Callable[[BinaryIO], None]:
+    def write(fh: BinaryIO) -> None:
+        fh.writelines(parts)
+
+    return write
 
 
 def write_study_sr(

@@ -158,8 +158,9 @@ def render(
     value_of: ValueOf,
     created: datetime.datetime,
     memo: dict[tuple[int, str, str], bytes] | None = None,
-) -> bytes:
-    """The whole file (preamble, meta, data set) for one image.
+) -> list[bytes | memoryview]:
+    """The whole file (preamble, meta, data set) for one image, as parts to write in order
+    (pixel data is passed through as it came, not copied into one buffer).
 
     ``value_of(name)`` gives the value of a slot: the raw value for a source attribute,
     a float for a probability (written as DS and FD as highdicom writes it), bytes for
@@ -167,20 +168,31 @@ def render(
     encoded slots between the objects of one image (same values, same character set).
     """
     memo = {} if memo is None else memo
-    out = [b"\x00" * 128 + b"DICM", file_meta(template.sop_class_uid, sop_instance_uid)]
+    out: list[bytes | memoryview] = [b"\x00" * 128 + b"DICM", file_meta(template.sop_class_uid, sop_instance_uid)]
     for part in template.parts:
         if isinstance(part, bytes):
             out.append(part)
         elif part.name.startswith(NOW):
             out.append(_encode_ascii(part.tag, part.vr, _time_value(part.vr, created), b" "))
+        elif part.name == PIXELS:
+            out.extend(_pixel_parts(part, value_of(part.name)))
         else:
             key = (int(part.tag), part.vr, part.name)
             encoded = memo.get(key)
-            if encoded is None or part.name == PIXELS:
+            if encoded is None:
                 encoded = encode_element(part, value_of(part.name), template.encodings)
                 memo[key] = encoded
             out.append(encoded)
-    return b"".join(out)
+    return out
+
+
+def _pixel_parts(slot: Slot, value: bytes | memoryview) -> list[bytes | memoryview]:
+    """Pixel Data as its header and the caller's buffer (even length, padded if not)."""
+    length = memoryview(value).nbytes
+    parts: list[bytes | memoryview] = [_header(slot.tag, slot.vr, length + length % 2), value]
+    if length % 2:
+        parts.append(b"\x00")
+    return parts
 
 
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})

@@ -48,15 +48,30 @@ DISTINCT_FRAMES = 16
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=500, help="instances to send (default 500)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat both runs, alternating their order, and report medians (default 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat both runs, alternating their order, and report medians (default 1)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
-    parser.add_argument("--associations", type=int, default=2,
-                        help="concurrent storescu associations for the scaling run (default 2; 1 skips it)")
-    parser.add_argument("--receiver-processes", type=int, default=None,
-                        help="dicom.receiver_processes for the daemon (default: its own, one per CPU)")
-    parser.add_argument("--with-inference", action="store_true",
-                        help="let the daemon run inference while it receives (default: deferred, to measure ingest alone)")
+    parser.add_argument(
+        "--associations",
+        type=int,
+        default=2,
+        help="concurrent storescu associations for the scaling run (default 2; 1 skips it)",
+    )
+    parser.add_argument(
+        "--receiver-processes",
+        type=int,
+        default=None,
+        help="dicom.receiver_processes for the daemon (default: its own, one per CPU)",
+    )
+    parser.add_argument(
+        "--with-inference",
+        action="store_true",
+        help="let the daemon run inference while it receives (default: deferred, to measure ingest alone)",
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="gastrolens-bench-", dir=os.environ.get("GASTROLENS_BENCH_DIR")))
@@ -65,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         n = max(1, args.associations)
         size = make_instances(files, args.count, parts=n)
-        print(f"generated {args.count} JPEG-baseline Secondary Capture instances, 640x480, "
-              f"{size / args.count / 1024:.1f} KiB each, in {time.perf_counter() - started:.1f} s ({files})")
-        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-              f"storescu: -xy (JPEG baseline proposed), TCP_NODELAY=1")
+        print(
+            f"generated {args.count} JPEG-baseline Secondary Capture instances, 640x480, "
+            f"{size / args.count / 1024:.1f} KiB each, in {time.perf_counter() - started:.1f} s ({files})"
+        )
+        print(
+            f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+            f"storescu: -xy (JPEG baseline proposed), TCP_NODELAY=1"
+        )
         one_rates: list[float] = []
         many_rates: list[float] = []
         storescp_rates: list[float] = []
@@ -78,28 +97,34 @@ def main(argv: list[str] | None = None) -> int:
             for kind in runs if round_no % 2 else runs[::-1]:
                 folder = work / f"{kind}-{round_no}"
                 if kind == "gastrolens-1":
-                    one_rates.append(run_gastrolens(folder, files, args.count, 1, args.receiver_processes,
-                                                    args.with_inference))
+                    one_rates.append(
+                        run_gastrolens(folder, files, args.count, 1, args.receiver_processes, args.with_inference)
+                    )
                 elif kind == "gastrolens-n":
-                    many_rates.append(run_gastrolens(folder, files, args.count, n, args.receiver_processes,
-                                                     args.with_inference))
+                    many_rates.append(
+                        run_gastrolens(folder, files, args.count, n, args.receiver_processes, args.with_inference)
+                    )
                 else:
                     storescp_rates.append(run_storescp(folder, files, args.count))
         note = f" (median of {args.rounds} rounds)" if args.rounds > 1 else ""
         g1, s = statistics.median(one_rates), statistics.median(storescp_rates)
-        ratio = statistics.median(a / b for a, b in zip(one_rates, storescp_rates))
+        ratio = statistics.median(a / b for a, b in zip(one_rates, storescp_rates, strict=True))
         label = f"GastroLens (fsync, SQLite, audit{', inference on' if args.with_inference else ''})"
         print(f"{label}, 1 association:  {g1:7.1f} instances/s{note}")
         if many_rates:
             print(f"{label}, {n} associations: {statistics.median(many_rates):7.1f} instances/s{note}")
         print(f"pynetdicom storescp (no fsync), 1 association: {s:7.1f} instances/s{note}")
-        print(f"ratio GastroLens 1 association / storescp: {ratio:.2f} - target >= 0.80: "
-              f"{'met' if ratio >= 0.8 else 'NOT met'}")
+        print(
+            f"ratio GastroLens 1 association / storescp: {ratio:.2f} - target >= 0.80: "
+            f"{'met' if ratio >= 0.8 else 'NOT met'}"
+        )
         if many_rates:
-            scale = statistics.median(a / b for a, b in zip(many_rates, one_rates))
+            scale = statistics.median(a / b for a, b in zip(many_rates, one_rates, strict=True))
             target = 0.8 * n
-            print(f"ratio GastroLens {n} associations / 1 association: {scale:.2f} - target >= {target:.2f}: "
-                  f"{'met' if scale >= target else 'NOT met'}")
+            print(
+                f"ratio GastroLens {n} associations / 1 association: {scale:.2f} - target >= {target:.2f}: "
+                f"{'met' if scale >= target else 'NOT met'}"
+            )
     finally:
         if args.keep:
             print(f"kept {work}")
@@ -125,9 +150,17 @@ def make_instances(folder: Path, count: int, parts: int = 1) -> int:
         if i % IMAGES_PER_STUDY == 0:
             study, series = generate_uid(), generate_uid()
             patient = f"BENCH-{i // IMAGES_PER_STUDY:04d}"
-        ds = as_dicom(frames[i % DISTINCT_FRAMES], sop_class=SECONDARY_CAPTURE, study_uid=study, series_uid=series,
-                      patient_id=patient, patient_name=f"Bench^{patient}", accession_number=patient,
-                      instance_number=i % IMAGES_PER_STUDY + 1, jpeg_quality=90)
+        ds = as_dicom(
+            frames[i % DISTINCT_FRAMES],
+            sop_class=SECONDARY_CAPTURE,
+            study_uid=study,
+            series_uid=series,
+            patient_id=patient,
+            patient_name=f"Bench^{patient}",
+            accession_number=patient,
+            instance_number=i % IMAGES_PER_STUDY + 1,
+            jpeg_quality=90,
+        )
         part = folder / f"part-{(i // IMAGES_PER_STUDY) % parts}"
         part.mkdir(exist_ok=True)
         path = part / f"{i:05d}.dcm"
@@ -140,12 +173,28 @@ def storescu(port: int, ae_title: str, files: Path, associations: int = 1) -> fl
     """Send every file under ``files``: over one association, or over ``associations``
     concurrent ones (one per ``part-*`` folder); return the wall time in seconds."""
     folders = sorted(files.glob("part-*")) if associations > 1 else [files]
-    commands = [["/usr/bin/storescu", "-aet", "BENCH", "-aec", ae_title, "-xy", "-R", "127.0.0.1", str(port),
-                 "+sd", "+r", str(folder)] for folder in folders]
+    commands = [
+        [
+            "/usr/bin/storescu",
+            "-aet",
+            "BENCH",
+            "-aec",
+            ae_title,
+            "-xy",
+            "-R",
+            "127.0.0.1",
+            str(port),
+            "+sd",
+            "+r",
+            str(folder),
+        ]
+        for folder in folders
+    ]
     env = {**os.environ, "TCP_NODELAY": "1"}
     started = time.perf_counter()
-    senders = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for c in commands]
+    senders = [
+        subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
     failures = []
     for sender in senders:
         _, stderr = sender.communicate(timeout=3600)
@@ -157,8 +206,9 @@ def storescu(port: int, ae_title: str, files: Path, associations: int = 1) -> fl
     return elapsed
 
 
-def run_gastrolens(folder: Path, files: Path, count: int, associations: int, processes: int | None,
-                   with_inference: bool) -> float:
+def run_gastrolens(
+    folder: Path, files: Path, count: int, associations: int, processes: int | None, with_inference: bool
+) -> float:
     folder.mkdir()
     config = folder / "gastrolens.toml"
     # Inference deferred (first scheduler tick after an hour, no full batch within the run)
@@ -170,14 +220,15 @@ def run_gastrolens(folder: Path, files: Path, count: int, associations: int, pro
 port = 0
 {f"receiver_processes = {processes}" if processes else ""}
 [storage]
-root = "{folder / 'storage'}"
+root = "{folder / "storage"}"
 [database]
-url = "sqlite:///{folder / 'gastrolens.db'}"
+url = "sqlite:///{folder / "gastrolens.db"}"
 {deferred}""")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GASTROLENS_")}
     with open(folder / "serve.stderr", "w") as stderr:
-        daemon = subprocess.Popen([*GASTROLENS, "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                                  stderr=stderr, text=True, env=env)
+        daemon = subprocess.Popen(
+            [*GASTROLENS, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
     try:
         port = _ready_port(daemon)
         cpu_before = _cpu_seconds(daemon.pid)
@@ -188,19 +239,33 @@ url = "sqlite:///{folder / 'gastrolens.db'}"
         code = daemon.wait(timeout=120)
     if code != 0:
         raise SystemExit(f"gastrolens serve exited {code}; see {folder / 'serve.stderr'}")
-    status = json.loads(subprocess.run([*GASTROLENS, "status", "--json", "--config", str(config)], env=env,
-                                       capture_output=True, text=True, check=True, timeout=120).stdout)
+    status = json.loads(
+        subprocess.run(
+            [*GASTROLENS, "status", "--json", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    )
     stored = sum(1 for _ in (folder / "storage" / "instances").rglob("*.dcm"))
     received = sum(status["instances"].values())  # received, or already claimed/done with inference on
     if received != count or stored != count or status["quarantined"]:
-        raise SystemExit(f"GastroLens: expected {count}, database says {received} received "
-                         f"({status['quarantined']} quarantined), {stored} files stored")
+        raise SystemExit(
+            f"GastroLens: expected {count}, database says {received} received "
+            f"({status['quarantined']} quarantined), {stored} files stored"
+        )
     rate = count / elapsed
     cpu = {name: (cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0)) * 1000 / count for name in cpu_after}
-    print(f"  GastroLens, {associations} association(s): CPU ms per instance: "
-          + ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(cpu.items())))
-    print(f"  GastroLens, {associations} association(s): {count} in {elapsed:.2f} s = {rate:.1f} instances/s; "
-          f"status --json: received {received}, files {stored}")
+    print(
+        f"  GastroLens, {associations} association(s): CPU ms per instance: "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(cpu.items()))
+    )
+    print(
+        f"  GastroLens, {associations} association(s): {count} in {elapsed:.2f} s = {rate:.1f} instances/s; "
+        f"status --json: received {received}, files {stored}"
+    )
     return rate
 
 
@@ -209,8 +274,19 @@ def run_storescp(folder: Path, files: Path, count: int) -> float:
     output.mkdir(parents=True)
     port = _free_port()
     # -pdu 0: unlimited, as GastroLens's default dicom.max_pdu_bytes, so only the handlers differ.
-    command = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "--output-directory", str(output),
-               "--max-pdu", "0", "--ae-title", "STORESCP"]
+    command = [
+        sys.executable,
+        "-m",
+        "pynetdicom",
+        "storescp",
+        str(port),
+        "--output-directory",
+        str(output),
+        "--max-pdu",
+        "0",
+        "--ae-title",
+        "STORESCP",
+    ]
     with open(folder / "storescp.stderr", "w") as stderr:
         scp = subprocess.Popen(command, stdout=stderr, stderr=stderr)
     try:
@@ -241,8 +317,8 @@ def _cpu_seconds(daemon_pid: int) -> dict[str, float]:
             text = stat.read_text()
         except OSError:
             continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        fields = text[text.rindex(")") + 2:].split()
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
         pid, ppid = int(stat.parent.name), int(fields[1])
         if pid == daemon_pid:
             name = "daemon"

@@ -12,13 +12,13 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from gastrolens.config import Settings
-from gastrolens.db import Database
 from gastrolens.daemon.ingest import DatabaseIngest
+from gastrolens.db import Database
 from gastrolens.dicom_io.net.received import IngestResult, ReceivedInstance
-from gastrolens.storage.store import Store
 from gastrolens.findings import LesionClass
 from gastrolens.models import Engine, untrained_package
 from gastrolens.samples import as_dicom, endoscopy_frame
+from gastrolens.storage.store import Store
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +45,9 @@ class Stage:
             data = buffer.getvalue()
         ingest = DatabaseIngest(self.store, self.db, writers=1)
         try:
-            outcome = ingest.ingest(ReceivedInstance(data=data, actor="test", calling_ae="TEST", peer_address="127.0.0.1",
-                                                     negotiated_sop_class=None, requested_sop_uid=None))
+            received = ReceivedInstance(data=data, actor="test", calling_ae="TEST", peer_address="127.0.0.1",
+                                        negotiated_sop_class=None, requested_sop_uid=None)
+            outcome = ingest.ingest(received)
         finally:
             ingest.close()
         assert outcome.result in (IngestResult.STORED, IngestResult.DUPLICATE), outcome

@@ -56,9 +56,15 @@ class DatabaseIngest:
     open transaction, so the disk wait and the database work overlap.
     """
 
-    def __init__(self, store: Store, db: Database, *, writers: int = 4,
-                 on_stored: Callable[[], None] | None = None,
-                 write_lock: AbstractContextManager[Any] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        db: Database,
+        *,
+        writers: int = 4,
+        on_stored: Callable[[], None] | None = None,
+        write_lock: AbstractContextManager[Any] | None = None,
+    ) -> None:
         self.store = store
         self.db = db
         self.on_stored = on_stored
@@ -78,7 +84,9 @@ class DatabaseIngest:
         except OSError as exc:
             return self._refuse(facts, None, f"cannot check free space: {exc}")
         if not room:
-            log.error("refusing C-STORE from %s: less than %d MB free", received.actor, self.store.min_free_bytes // 2**20)
+            log.error(
+                "refusing C-STORE from %s: less than %d MB free", received.actor, self.store.min_free_bytes // 2**20
+            )
             return self._refuse(facts, None, "storage below min_free_mb")
         staging = self._writer.submit(_counted, self.store.stage, received.data)
         try:
@@ -96,7 +104,9 @@ class DatabaseIngest:
         finally:
             _discard_if_unplaced(self.store, staging)
 
-    def last_resort(self, received: ReceivedInstance | None, requested: RequestFacts, error: BaseException) -> IngestOutcome:
+    def last_resort(
+        self, received: ReceivedInstance | None, requested: RequestFacts, error: BaseException
+    ) -> IngestOutcome:
         status = STATUS_OUT_OF_RESOURCES if isinstance(error, TRANSIENT_ERRORS) else STATUS_CANNOT_UNDERSTAND
         reason = f"internal error: {error.__class__.__name__}: {error}"
         try:
@@ -108,8 +118,14 @@ class DatabaseIngest:
             return IngestOutcome(status=status, result=IngestResult.REFUSED, reason=reason)
 
     def peer_event(self, event: PeerEvent) -> None:
-        self._audit_safely(audit.Event(type=AuditEventType.ASSOCIATION_REJECTED, actor=event.actor, outcome=Outcome.FAILURE,
-                                       detail={"reason": event.reason, "kind": event.kind.value}))
+        self._audit_safely(
+            audit.Event(
+                type=AuditEventType.ASSOCIATION_REJECTED,
+                actor=event.actor,
+                outcome=Outcome.FAILURE,
+                detail={"reason": event.reason, "kind": event.kind.value},
+            )
+        )
 
     # -- steps -------------------------------------------------------------------------
 
@@ -127,8 +143,15 @@ class DatabaseIngest:
                 # The rest of the data fsync, the rename and the folder fsync overlap the inserts.
                 placing = self._writer.submit(_counted, _place_when_staged, self.store, staging, relative)
                 try:
-                    record_instance(session, header, plan, relative, calling_ae=received.calling_ae,
-                                    peer_address=received.peer_address, actor=received.actor)
+                    record_instance(
+                        session,
+                        header,
+                        plan,
+                        relative,
+                        calling_ae=received.calling_ae,
+                        peer_address=received.peer_address,
+                        actor=received.actor,
+                    )
                 finally:
                     placed = placing.result()  # a failed rename raises here: the transaction rolls back
         except BaseException:
@@ -140,34 +163,63 @@ class DatabaseIngest:
             self.on_stored()
         return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.STORED)
 
-    def _quarantine(self, data: bytes, facts: RequestFacts, reason: str, status: int,
-                    header: InstanceHeader | None = None) -> IngestOutcome:
+    def _quarantine(
+        self, data: bytes, facts: RequestFacts, reason: str, status: int, header: InstanceHeader | None = None
+    ) -> IngestOutcome:
         sop_uid = header.sop_uid if header else facts.requested_sop_uid
         log.warning("quarantining instance %s from %s: %s (status 0x%04X)", sop_uid, facts.actor, reason, status)
-        context = {"calling_ae": facts.calling_ae, "peer_address": facts.peer_address, "sop_instance_uid": sop_uid,
-                   "status": f"0x{status:04X}"}
+        context = {
+            "calling_ae": facts.calling_ae,
+            "peer_address": facts.peer_address,
+            "sop_instance_uid": sop_uid,
+            "status": f"0x{status:04X}",
+        }
         try:
             relative = self.store.quarantine(data, reason, context)
             with self._write_lock, self.db.session() as session:
-                session.add(Quarantined(file_path=relative, reason=reason, status=status, sop_instance_uid=sop_uid,
-                                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
-                                        calling_ae=facts.calling_ae, peer_address=facts.peer_address))
-                audit.record(session, audit.Event(
-                    type=AuditEventType.INSTANCE_QUARANTINED, actor=facts.actor, outcome=Outcome.FAILURE,
-                    study_uid=header.study_uid if header else None, series_uid=header.series_uid if header else None,
-                    sop_uid=sop_uid, detail={"reason": reason, "path": relative, "status": f"0x{status:04X}"}))
+                session.add(
+                    Quarantined(
+                        file_path=relative,
+                        reason=reason,
+                        status=status,
+                        sop_instance_uid=sop_uid,
+                        sha256=hashlib.sha256(data).hexdigest(),
+                        size_bytes=len(data),
+                        calling_ae=facts.calling_ae,
+                        peer_address=facts.peer_address,
+                    )
+                )
+                audit.record(
+                    session,
+                    audit.Event(
+                        type=AuditEventType.INSTANCE_QUARANTINED,
+                        actor=facts.actor,
+                        outcome=Outcome.FAILURE,
+                        study_uid=header.study_uid if header else None,
+                        series_uid=header.series_uid if header else None,
+                        sop_uid=sop_uid,
+                        detail={"reason": reason, "path": relative, "status": f"0x{status:04X}"},
+                    ),
+                )
         except GastroLensError as err:
             log.error("could not record quarantined instance %s: %s", sop_uid, err)
             return IngestOutcome(status=STATUS_OUT_OF_RESOURCES, result=IngestResult.REFUSED, reason=str(err))
         return IngestOutcome(status=status, result=IngestResult.QUARANTINED, reason=reason)
 
-    def _refuse(self, facts: RequestFacts, header: InstanceHeader | None, reason: str,
-                status: int = STATUS_OUT_OF_RESOURCES) -> IngestOutcome:
-        self._audit_safely(audit.Event(
-            type=AuditEventType.STORE_REFUSED, actor=facts.actor, outcome=Outcome.FAILURE,
-            study_uid=header.study_uid if header else None, series_uid=header.series_uid if header else None,
-            sop_uid=header.sop_uid if header else facts.requested_sop_uid,
-            detail={"reason": reason, "status": f"0x{status:04X}"}))
+    def _refuse(
+        self, facts: RequestFacts, header: InstanceHeader | None, reason: str, status: int = STATUS_OUT_OF_RESOURCES
+    ) -> IngestOutcome:
+        self._audit_safely(
+            audit.Event(
+                type=AuditEventType.STORE_REFUSED,
+                actor=facts.actor,
+                outcome=Outcome.FAILURE,
+                study_uid=header.study_uid if header else None,
+                series_uid=header.series_uid if header else None,
+                sop_uid=header.sop_uid if header else facts.requested_sop_uid,
+                detail={"reason": reason, "status": f"0x{status:04X}"},
+            )
+        )
         return IngestOutcome(status=status, result=IngestResult.REFUSED, reason=reason)
 
     def _audit_safely(self, event: audit.Event) -> None:
@@ -198,5 +250,9 @@ def _discard_if_unplaced(store: Store, staging: Future[Path]) -> None:
 
 
 def _facts(received: ReceivedInstance) -> RequestFacts:
-    return RequestFacts(actor=received.actor, calling_ae=received.calling_ae, peer_address=received.peer_address,
-                        requested_sop_uid=received.requested_sop_uid)
+    return RequestFacts(
+        actor=received.actor,
+        calling_ae=received.calling_ae,
+        peer_address=received.peer_address,
+        requested_sop_uid=received.requested_sop_uid,
+    )

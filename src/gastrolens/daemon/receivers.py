@@ -64,8 +64,9 @@ def process_count(settings: DicomSettings) -> int:
 class ReceiverPool:
     """``count`` receiver processes behind ``settings.dicom.port`` (0: a free port, chosen here)."""
 
-    def __init__(self, settings: Any, count: int, *, on_stored: Callable[[], None] | None = None,
-                 log_level: int = logging.INFO) -> None:
+    def __init__(
+        self, settings: Any, count: int, *, on_stored: Callable[[], None] | None = None, log_level: int = logging.INFO
+    ) -> None:
         self.settings = settings
         self.count = count
         self.on_stored = on_stored
@@ -97,14 +98,28 @@ class ReceiverPool:
         dicom: DicomSettings = self.settings.dicom
         context = multiprocessing.get_context("spawn")
         # Only what a receiver needs (secrets such as API tokens stay in the daemon).
-        payload = {section: getattr(self.settings, section).model_dump(mode="json")
-                   for section in ("dicom", "storage", "database")}
+        payload = {
+            section: getattr(self.settings, section).model_dump(mode="json")
+            for section in ("dicom", "storage", "database")
+        }
         for index in range(self.count):
             parent_end, child_end = context.Pipe(duplex=False)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            process = context.Process(target=_serve, name=f"{PROCESS_NAME}-{index}", daemon=True,
-                                      args=(payload, index, child_end, theirs, self._associations, self._finished,
-                                            self._write_lock, self.log_level))
+            process = context.Process(
+                target=_serve,
+                name=f"{PROCESS_NAME}-{index}",
+                daemon=True,
+                args=(
+                    payload,
+                    index,
+                    child_end,
+                    theirs,
+                    self._associations,
+                    self._finished,
+                    self._write_lock,
+                    self.log_level,
+                ),
+            )
             process.start()
             child_end.close()
             theirs.close()
@@ -129,8 +144,10 @@ class ReceiverPool:
             self.stop(drain_seconds=0)
             raise
         self._port = int(self._listener.getsockname()[1])
-        self._threads = [threading.Thread(target=self._read, name="gastrolens-receivers", daemon=True),
-                         threading.Thread(target=self._accept, name="gastrolens-acceptor", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._read, name="gastrolens-receivers", daemon=True),
+            threading.Thread(target=self._accept, name="gastrolens-acceptor", daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
         log.info("%d receiver processes serving %s:%d", self.count, dicom.bind, self._port)
@@ -227,13 +244,23 @@ def _listen(bind: str, port: int) -> socket.socket:
 # -- in each receiver process ----------------------------------------------------------
 
 
-def _serve(payload: dict[str, Any], index: int, pipe: Connection, channel: socket.socket,
-           associations: Synchronized[int], finished: SynchronizedArray[int], write_lock: Any,
-           log_level: int) -> None:
+def _serve(
+    payload: dict[str, Any],
+    index: int,
+    pipe: Connection,
+    channel: socket.socket,
+    associations: Synchronized[int],
+    finished: SynchronizedArray[int],
+    write_lock: Any,
+    log_level: int,
+) -> None:
     """A receiver process: its own AE, server, database engine and ingest, until SIGTERM."""
     _become_receiver_process()
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s [{PROCESS_NAME}-{index}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{PROCESS_NAME}-{index}] %(name)s: %(message)s",
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -258,13 +285,20 @@ def _serve(payload: dict[str, Any], index: int, pipe: Connection, channel: socke
             with finished.get_lock():
                 finished[index] += 1
 
-        ingest = DatabaseIngest(store, db, writers=dicom.max_associations, on_stored=count_stored,
-                                write_lock=write_lock if db.engine.dialect.name == "sqlite" else None)
-        receiver = Receiver(dicom, ingest, handoff=True, node_associations=associations,
-                            on_connection_end=connection_ended)
+        ingest = DatabaseIngest(
+            store,
+            db,
+            writers=dicom.max_associations,
+            on_stored=count_stored,
+            write_lock=write_lock if db.engine.dialect.name == "sqlite" else None,
+        )
+        receiver = Receiver(
+            dicom, ingest, handoff=True, node_associations=associations, on_connection_end=connection_ended
+        )
         receiver.start()
-        threading.Thread(target=_take_connections, args=(channel, receiver), name="gastrolens-handoff",
-                         daemon=True).start()
+        threading.Thread(
+            target=_take_connections, args=(channel, receiver), name="gastrolens-handoff", daemon=True
+        ).start()
     except BaseException as exc:  # tell the daemon why, then exit
         pipe.send((FAILED, f"{exc.__class__.__name__}: {exc}"))
         raise

@@ -27,8 +27,8 @@ from gastrolens.daemon.scheduler import RETENTION_INTERVAL_SECONDS, Scheduler
 from gastrolens.db import Database, audit
 from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.dicom_io.net.receiver import Receiver
-from gastrolens.storage.store import Store
 from gastrolens.models import Engine
+from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,24 @@ class Service:
         self.settings = settings
         self.worker = service_actor()
         self.db = Database(settings.database.url)
-        self.store = Store(settings.storage.root, fsync=settings.storage.fsync, min_free_mb=settings.storage.min_free_mb)
+        self.store = Store(
+            settings.storage.root, fsync=settings.storage.fsync, min_free_mb=settings.storage.min_free_mb
+        )
         self.ingest: DatabaseIngest | None = None
         self.receiver: Receiver | ReceiverPool
         processes = process_count(settings.dicom)
         if processes > 1:  # ingest grows with cores: see daemon.receivers
-            self.receiver = ReceiverPool(settings, processes, on_stored=self._count_stored,
-                                         log_level=logging.getLogger().getEffectiveLevel())
+            self.receiver = ReceiverPool(
+                settings, processes, on_stored=self._count_stored, log_level=logging.getLogger().getEffectiveLevel()
+            )
         else:
-            self.ingest = DatabaseIngest(self.store, self.db, writers=settings.dicom.max_associations,
-                                         on_stored=self._count_stored,
-                                         write_lock=threading.Lock() if self.db.engine.dialect.name == "sqlite" else None)
+            self.ingest = DatabaseIngest(
+                self.store,
+                self.db,
+                writers=settings.dicom.max_associations,
+                on_stored=self._count_stored,
+                write_lock=threading.Lock() if self.db.engine.dialect.name == "sqlite" else None,
+            )
             self.receiver = Receiver(settings.dicom, self.ingest)
         self.scheduler = Scheduler()
         self.engine: Engine | None = None
@@ -71,29 +78,57 @@ class Service:
         self.engine = Engine.from_settings(self.settings.model)
         identity = self.engine.identity
         with self.db.session() as session:
-            audit.record(session, audit.Event(
-                type=AuditEventType.MODEL_LOADED, actor=self.worker, outcome=Outcome.WARNING if identity.untrained else Outcome.SUCCESS,
-                detail={"name": identity.name, "version": identity.version, "weights_sha256": identity.weights_sha256,
-                        "untrained": identity.untrained, "device": str(self.engine.device),
-                        **({"warning": UNTRAINED_WARNING} if identity.untrained else {})}))
+            audit.record(
+                session,
+                audit.Event(
+                    type=AuditEventType.MODEL_LOADED,
+                    actor=self.worker,
+                    outcome=Outcome.WARNING if identity.untrained else Outcome.SUCCESS,
+                    detail={
+                        "name": identity.name,
+                        "version": identity.version,
+                        "weights_sha256": identity.weights_sha256,
+                        "untrained": identity.untrained,
+                        "device": str(self.engine.device),
+                        **({"warning": UNTRAINED_WARNING} if identity.untrained else {}),
+                    },
+                ),
+            )
         self.inference = InferenceStep(self.settings, self.db, self.store, self.engine, self.worker)
         interval = self.settings.scheduler.interval_seconds
         self.scheduler.add(INFERENCE, self._drain_queue, interval)
-        self.scheduler.add(COMPLETION, StudyCompletion(self.settings, self.db, self.store, self.worker).run_once, interval)
+        self.scheduler.add(
+            COMPLETION, StudyCompletion(self.settings, self.db, self.store, self.worker).run_once, interval
+        )
         self.scheduler.add(DELIVERY, DeliveryStep(self.settings, self.db, self.store, self.worker).run_once, interval)
-        self.scheduler.add(RETENTION, RetentionStep(self.settings, self.db, self.store, self.worker).run_once,
-                           RETENTION_INTERVAL_SECONDS)
+        self.scheduler.add(
+            RETENTION,
+            RetentionStep(self.settings, self.db, self.store, self.worker).run_once,
+            RETENTION_INTERVAL_SECONDS,
+        )
         self.receiver.start()
         self.scheduler.start()
         if self.settings.api.enabled:
-            self.api = ApiServer(self.settings, self.db, store_root=self.settings.storage.root, health_probe=self.health)
+            self.api = ApiServer(
+                self.settings, self.db, store_root=self.settings.storage.root, health_probe=self.health
+            )
             self.api.start()
             log.info("HTTP API and dashboard on %s", self.api.url)
         with self.db.session() as session:
-            audit.record(session, audit.Event(type=AuditEventType.SERVICE_STARTED, actor=self.worker, detail={
-                "version": __version__, "ae_title": self.settings.dicom.ae_title,
-                "bind": self.settings.dicom.bind, "port": self.receiver.port,
-                "destinations": [d.name for d in self.settings.destinations]}))
+            audit.record(
+                session,
+                audit.Event(
+                    type=AuditEventType.SERVICE_STARTED,
+                    actor=self.worker,
+                    detail={
+                        "version": __version__,
+                        "ae_title": self.settings.dicom.ae_title,
+                        "bind": self.settings.dicom.bind,
+                        "port": self.receiver.port,
+                        "destinations": [d.name for d in self.settings.destinations],
+                    },
+                ),
+            )
 
     def stop(self) -> None:
         self.receiver.stop()
@@ -120,9 +155,12 @@ class Service:
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
         model = self.engine.identity if self.engine else None
-        print(f"GastroLens ready: AE title {self.settings.dicom.ae_title} on {self.settings.dicom.bind}:{self.receiver.port}"
-              f" (model {model.name if model else '?'}{' - ' + UNTRAINED_WARNING if model and model.untrained else ''})",
-              flush=True)
+        dicom = self.settings.dicom
+        print(
+            f"GastroLens ready: AE title {dicom.ae_title} on {dicom.bind}:{self.receiver.port}"
+            f" (model {model.name if model else '?'}{' - ' + UNTRAINED_WARNING if model and model.untrained else ''})",
+            flush=True,
+        )
         self._stop.wait()
         log.info("stop requested: refusing new associations, finishing in-flight stores and the running batch")
         self.stop()
@@ -147,11 +185,22 @@ class Service:
         """What /healthz reports besides the database and storage."""
         identity = self.engine.identity if self.engine else None
         return {
-            "scheduler": {"ok": self.scheduler.running,
-                          "last_runs": {k: v.isoformat() for k, v in self.scheduler.last_run.items()}},
-            "model": {"ok": identity is not None,
-                      **({"name": identity.name, "version": identity.version,
-                          "weights_sha256": identity.weights_sha256, "untrained": identity.untrained}
-                         if identity else {})},
+            "scheduler": {
+                "ok": self.scheduler.running,
+                "last_runs": {k: v.isoformat() for k, v in self.scheduler.last_run.items()},
+            },
+            "model": {
+                "ok": identity is not None,
+                **(
+                    {
+                        "name": identity.name,
+                        "version": identity.version,
+                        "weights_sha256": identity.weights_sha256,
+                        "untrained": identity.untrained,
+                    }
+                    if identity
+                    else {}
+                ),
+            },
             "receiver": {"ok": self.receiver.listening},
         }

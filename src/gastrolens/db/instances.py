@@ -94,8 +94,9 @@ def plan_version(session: Session, header: InstanceHeader) -> VersionPlan:
     series = session.execute(_SELECT_SERIES, {"uid": header.series_uid}).first()
     if series is not None and series.study_instance_uid != header.study_uid:
         raise SeriesUnderAnotherStudy(header.series_uid, series.study_instance_uid, header.study_uid)
-    return VersionPlan(version=max((r.version for r in rows), default=0) + 1,
-                       series_id=series.id if series is not None else None)
+    return VersionPlan(
+        version=max((r.version for r in rows), default=0) + 1, series_id=series.id if series is not None else None
+    )
 
 
 def record_duplicate(session: Session, header: InstanceHeader, plan: VersionPlan, actor: str) -> None:
@@ -108,7 +109,11 @@ def record_duplicate(session: Session, header: InstanceHeader, plan: VersionPlan
             study_uid=header.study_uid,
             series_uid=header.series_uid,
             sop_uid=header.sop_uid,
-            detail={"instance_id": plan.duplicate_of, "sha256": header.sha256, "note": "same content re-sent; nothing stored"},
+            detail={
+                "instance_id": plan.duplicate_of,
+                "sha256": header.sha256,
+                "note": "same content re-sent; nothing stored",
+            },
         ),
     )
 
@@ -131,9 +136,7 @@ def record_instance(
     study_id = _upsert_study(session, header)
     series_id = plan.series_id if plan.series_id is not None else _upsert_series(session, header, study_id)
     if plan.version > 1:
-        session.execute(
-            update(Instance).where(Instance.sop_instance_uid == header.sop_uid).values(superseded=True)
-        )
+        session.execute(update(Instance).where(Instance.sop_instance_uid == header.sop_uid).values(superseded=True))
     instance_id = session.execute(
         _INSERT_INSTANCE,
         {

@@ -18,12 +18,12 @@ from typing import Any
 
 from pydicom.uid import UID
 
+from gastrolens.errors import StorageError
 from gastrolens.storage.atomic import fsync_dir, write_bytes_atomic
 
 INCOMING = "instances/.incoming"
 """Received bytes are written (and fsync'd) here first, then renamed into place."""
 STALE_INCOMING_SECONDS = 3600
-from gastrolens.errors import StorageError
 
 
 class Store:

@@ -71,9 +71,13 @@ def test_junk_connections_do_not_lock_the_port(make_receiver, kind):
             held.append(sock)
         started = time.monotonic()
         # The peers keep their sockets open and never close them: the server must.
-        echo = lambda: dcmtk("echoscu", "-to", "2", "-aec", "GASTROLENS", "127.0.0.1",  # noqa: E731
-                             str(running.port)).returncode == 0
-        assert poll(echo, 3 * ACSE_TIMEOUT + 3), f"C-ECHO still refused {time.monotonic() - started:.1f} s after {kind} peers"
+        def echo() -> bool:
+            command = ("echoscu", "-to", "2", "-aec", "GASTROLENS", "127.0.0.1", str(running.port))
+            return dcmtk(*command).returncode == 0
+
+        assert poll(echo, 3 * ACSE_TIMEOUT + 3), (
+            f"C-ECHO still refused {time.monotonic() - started:.1f} s after {kind} peers"
+        )
         for sock in held:
             sock.setblocking(False)
         assert poll(lambda: all(closed_by_server(s) for s in held), 2 * ACSE_TIMEOUT + 2)

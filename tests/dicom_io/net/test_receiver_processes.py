@@ -38,9 +38,14 @@ def poll(condition, seconds: float) -> bool:
 @pytest.fixture
 def pool_settings(db_url: str, tmp_path: Path):
     def make(**dicom: object) -> Settings:
-        return Settings.model_validate({"dicom": {"port": 0, **dicom},
-                                        "storage": {"root": str(tmp_path / "storage"), "min_free_mb": 1},
-                                        "database": {"url": db_url}})
+        return Settings.model_validate(
+            {
+                "dicom": {"port": 0, **dicom},
+                "storage": {"root": str(tmp_path / "storage"), "min_free_mb": 1},
+                "database": {"url": db_url},
+            }
+        )
+
     db = Database(db_url)
     db.upgrade()
     yield make
@@ -55,7 +60,9 @@ def folders(tmp_path: Path) -> list[Path]:
         folder.mkdir()
         for i in range(PER_ASSOCIATION):
             frame, _ = endoscopy_frame(48, 64, LesionClass.PU if i % 2 else None, seed=a * 100 + i)
-            as_dicom(frame, jpeg_quality=90, instance_number=i + 1).save_as(folder / f"{i}.dcm", enforce_file_format=True)
+            as_dicom(frame, jpeg_quality=90, instance_number=i + 1).save_as(
+                folder / f"{i}.dcm", enforce_file_format=True
+            )
         made.append(folder)
     return made
 
@@ -65,11 +72,18 @@ def test_concurrent_stores_over_two_processes_keep_one_intact_audit_chain(pool_s
     pool = ReceiverPool(pool_settings(max_associations=ASSOCIATIONS), 2, on_stored=lambda: stored.append(1))
     pool.start()
     try:
-        pids = [p.pid for p in pool._processes]  # noqa: SLF001 - the test looks at the processes it started
+        pids = [p.pid for p in pool._processes]
         assert all(Path(f"/proc/{pid}/comm").read_text().strip() == PROCESS_NAME for pid in pids)
-        senders = [subprocess.Popen(["/usr/bin/storescu", "-aec", "GASTROLENS", "-xy", "127.0.0.1", str(pool.port),
-                                     "+sd", str(folder)], env={"TCP_NODELAY": "1"}, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True) for folder in folders]
+        senders = [
+            subprocess.Popen(
+                ["/usr/bin/storescu", "-aec", "GASTROLENS", "-xy", "127.0.0.1", str(pool.port), "+sd", str(folder)],
+                env={"TCP_NODELAY": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for folder in folders
+        ]
         outputs = [(s.wait(timeout=300), s.stdout.read() if s.stdout else "") for s in senders]
         assert all(code == 0 for code, _ in outputs), outputs
         assert poll(lambda: len(stored) == ASSOCIATIONS * PER_ASSOCIATION, 10)
@@ -84,9 +98,20 @@ def test_concurrent_stores_over_two_processes_keep_one_intact_audit_chain(pool_s
         assert report.rows >= ASSOCIATIONS * PER_ASSOCIATION
     finally:
         db.dispose()
-    verify = subprocess.run([sys.executable, "-m", "gastrolens.cli", "audit", "verify", "--config",
-                             str(_config_file(pool_settings, folders[0].parent, db_url))],
-                            capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gastrolens.cli",
+            "audit",
+            "verify",
+            "--config",
+            str(_config_file(pool_settings, folders[0].parent, db_url)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert verify.returncode == 0 and "intact" in verify.stdout, verify.stdout + verify.stderr
 
 
@@ -129,8 +154,9 @@ def test_receiver_processes_drain_on_sigterm_and_die_with_the_daemon(pool_settin
             time.sleep(600)
         """)
     (tmp_path / "daemon.py").write_text(script)
-    daemon = subprocess.Popen([sys.executable, str(tmp_path / "daemon.py")], stdout=subprocess.PIPE, text=True,
-                              stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [sys.executable, str(tmp_path / "daemon.py")], stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL
+    )
     try:
         assert daemon.stdout is not None
         pids = [int(p) for p in daemon.stdout.readline().split()]

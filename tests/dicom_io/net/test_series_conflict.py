@@ -36,7 +36,8 @@ def instance(folder: Path, name: str, study_uid: str, series_uid: str, seed: int
     frame, _ = endoscopy_frame(32, 40, LesionClass.PU, seed=seed)
     path = folder / f"{name}.dcm"
     as_dicom(frame, sop_class=SECONDARY_CAPTURE, study_uid=study_uid, series_uid=series_uid).save_as(
-        path, enforce_file_format=True)
+        path, enforce_file_format=True
+    )
     return path
 
 
@@ -51,8 +52,11 @@ def test_series_reused_under_another_study_is_refused(receiver, tmp_path):
     assert c_store(receiver.port, same_study) == 0x0000, "the series still takes instances of its own study"
 
     with receiver.db.session() as s:
-        rows = s.execute(select(Instance.sop_instance_uid, Study.study_instance_uid, Series.series_instance_uid)
-                         .join(Study, Instance.study_id == Study.id).join(Series, Instance.series_id == Series.id)).all()
+        rows = s.execute(
+            select(Instance.sop_instance_uid, Study.study_instance_uid, Series.series_instance_uid)
+            .join(Study, Instance.study_id == Study.id)
+            .join(Series, Instance.series_id == Series.id)
+        ).all()
         kept = s.scalars(select(Quarantined)).one()
         studies = s.scalars(select(Study.study_instance_uid)).all()
     assert {r.study_instance_uid for r in rows} == {first_study} and len(rows) == 2
@@ -60,7 +64,11 @@ def test_series_reused_under_another_study_is_refused(receiver, tmp_path):
     assert kept.status == 0xA900 and kept.sop_instance_uid == str(dcmread(second).SOPInstanceUID)
     assert first_study in kept.reason and second_study in kept.reason and series in kept.reason
     with receiver.db.session() as s:
-        audited = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.INSTANCE_QUARANTINED)).one()
+        audited = s.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == AuditEventType.INSTANCE_QUARANTINED)
+        ).one()
     assert audited.study_uid == second_study and audited.series_uid == series
     assert "already belongs to study" in audited.detail
-    assert not list((receiver.store.root / "instances" / second_study).rglob("*.dcm")), "nothing stored under the second study"
+    assert not list((receiver.store.root / "instances" / second_study).rglob("*.dcm")), (
+        "nothing stored under the second study"
+    )

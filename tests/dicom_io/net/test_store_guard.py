@@ -134,4 +134,7 @@ def test_the_receiver_needs_no_database(tmp_path, instance):
         assert c_store(receiver.port, instance) == 0xB000
     finally:
         receiver.stop(drain_seconds=5)
-    assert len(ingest.received) == 1 and dcmread(BytesIO(ingest.received[0])).SOPInstanceUID == dcmread(instance).SOPInstanceUID
+    assert (
+        len(ingest.received) == 1
+        and dcmread(BytesIO(ingest.received[0])).SOPInstanceUID == dcmread(instance).SOPInstanceUID
+    )

@@ -50,8 +50,14 @@ class _Watched:
 class ConnectionWatch:
     """Tracks connections from ``opened`` until their thread ends; closes stragglers."""
 
-    def __init__(self, *, acse_timeout: float, on_drop: DropReport, on_end: EndReport | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        acse_timeout: float,
+        on_drop: DropReport,
+        on_end: EndReport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.acse_timeout = acse_timeout
         self.on_drop = on_drop
         self.on_end = on_end
@@ -120,7 +126,9 @@ class ConnectionWatch:
             if self.on_end is not None:
                 self.on_end(watched.assoc)
             if watched.phase is Phase.OPEN:
-                reason = watched.closing_reason or "the peer closed the connection before association negotiation completed"
+                reason = (
+                    watched.closing_reason or "the peer closed the connection before association negotiation completed"
+                )
                 self.on_drop(watched.assoc, reason)
 
     def _overdue(self, watched: _Watched, now: float) -> str | None:

@@ -79,7 +79,9 @@ class Ingest(Protocol):
         """Store ``received`` durably (or quarantine it, or refuse it) and audit the outcome."""
         ...
 
-    def last_resort(self, received: ReceivedInstance | None, requested: RequestFacts, error: BaseException) -> IngestOutcome:
+    def last_resort(
+        self, received: ReceivedInstance | None, requested: RequestFacts, error: BaseException
+    ) -> IngestOutcome:
         """Called when something nobody foresaw went wrong: keep the bytes when there are
         any, audit, answer. Must not raise."""
         ...

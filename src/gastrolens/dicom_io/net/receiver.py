@@ -14,8 +14,8 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -62,7 +62,7 @@ class AccessPolicy:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
-    def from_settings(cls, settings: DicomSettings) -> "AccessPolicy":
+    def from_settings(cls, settings: DicomSettings) -> AccessPolicy:
         return cls(
             frozenset(a.strip() for a in settings.allowed_calling_aets),
             tuple(ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers),
@@ -93,9 +93,15 @@ class Receiver:
     per connection when it is over, whatever happened.
     """
 
-    def __init__(self, settings: DicomSettings, ingest: Ingest, *, handoff: bool = False,
-                 node_associations: SharedCount | None = None,
-                 on_connection_end: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: DicomSettings,
+        ingest: Ingest,
+        *,
+        handoff: bool = False,
+        node_associations: SharedCount | None = None,
+        on_connection_end: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.handoff = handoff
@@ -104,8 +110,9 @@ class Receiver:
         self._counted: set[int] = set()
         self.policy = AccessPolicy.from_settings(settings)
         self.ae = self._build_ae()
-        self.connections = ConnectionWatch(acse_timeout=settings.acse_timeout_seconds, on_drop=self._on_dropped,
-                                           on_end=self._on_ended)
+        self.connections = ConnectionWatch(
+            acse_timeout=settings.acse_timeout_seconds, on_drop=self._on_dropped, on_end=self._on_ended
+        )
         self._server: HandshakeInThreadServer | None = None
         self._accepting = threading.Event()
 
@@ -141,12 +148,15 @@ class Receiver:
         ]
         # start_server(block=False) by hand, with a server class that handshakes TLS
         # off the accept loop and bounds every connection (see dicom_io.net.tls).
-        server = cast(HandshakeInThreadServer, self.ae.make_server(
-            (self.settings.bind, self.settings.port),
-            ssl_context=server_context(self.settings.tls),
-            evt_handlers=handlers,
-            server_class=HandoffServer if self.handoff else HandshakeInThreadServer,
-        ))
+        server = cast(
+            HandshakeInThreadServer,
+            self.ae.make_server(
+                (self.settings.bind, self.settings.port),
+                ssl_context=server_context(self.settings.tls),
+                evt_handlers=handlers,
+                server_class=HandoffServer if self.handoff else HandshakeInThreadServer,
+            ),
+        )
         server.handshake_timeout = self.settings.network_timeout_seconds
         server.connection_timeout = self.settings.network_timeout_seconds
         server.on_handshake_failure = self._on_tls_failure
@@ -182,7 +192,9 @@ class Receiver:
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.ae.active_associations:
-            log.warning("aborting %d association(s) still open after %.0f s", len(self.ae.active_associations), drain_seconds)
+            log.warning(
+                "aborting %d association(s) still open after %.0f s", len(self.ae.active_associations), drain_seconds
+            )
         self.ae.shutdown()
         if self.handoff:
             self._server.server_close()
@@ -206,7 +218,9 @@ class Receiver:
         actor = f"dicom:{calling_ae.strip()}@{assoc.requestor.address}"
         log.warning("association rejected from %s: %s", actor, reason)
         self.connections.rejected(assoc)
-        self.ingest.peer_event(PeerEvent(kind=PeerEventKind.REJECTED, actor=actor, reason=reason))  # before the peer hears
+        self.ingest.peer_event(
+            PeerEvent(kind=PeerEventKind.REJECTED, actor=actor, reason=reason)
+        )  # before the peer hears
         assoc.acse.send_reject(*fields)
         assoc.kill()  # waits until the A-ASSOCIATE-RJ is out, as pynetdicom's own rejection does
 
@@ -217,8 +231,10 @@ class Receiver:
             return None
         with shared.get_lock():
             if shared.value >= self.settings.max_associations:
-                return (f"dicom.max_associations ({self.settings.max_associations}) reached across receiver processes",
-                        REJECT_BUSY)
+                return (
+                    f"dicom.max_associations ({self.settings.max_associations}) reached across receiver processes",
+                    REJECT_BUSY,
+                )
             shared.value += 1
         self._counted.add(id(assoc))
         return None
@@ -244,11 +260,14 @@ class Receiver:
 
     def _on_dropped(self, assoc: Association, reason: str) -> None:
         log.warning("connection from %s dropped: %s", assoc.requestor.address, reason)
-        self.ingest.peer_event(PeerEvent(kind=PeerEventKind.DROPPED, actor=f"dicom:?@{assoc.requestor.address}", reason=reason))
+        self.ingest.peer_event(
+            PeerEvent(kind=PeerEventKind.DROPPED, actor=f"dicom:?@{assoc.requestor.address}", reason=reason)
+        )
 
     def _on_tls_failure(self, peer: str, exc: BaseException) -> None:
-        self.ingest.peer_event(PeerEvent(kind=PeerEventKind.TLS_FAILED, actor=f"dicom:?@{peer}",
-                                         reason=f"TLS handshake failed: {exc}"))
+        self.ingest.peer_event(
+            PeerEvent(kind=PeerEventKind.TLS_FAILED, actor=f"dicom:?@{peer}", reason=f"TLS handshake failed: {exc}")
+        )
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS  # Verification always succeeds while the service runs
@@ -262,9 +281,13 @@ class Receiver:
             try:
                 facts = _request_facts(event)
                 received = ReceivedInstance(
-                    data=event.encoded_dataset(), actor=facts.actor, calling_ae=facts.calling_ae,
-                    peer_address=facts.peer_address, negotiated_sop_class=str(event.context.abstract_syntax),
-                    requested_sop_uid=facts.requested_sop_uid)
+                    data=event.encoded_dataset(),
+                    actor=facts.actor,
+                    calling_ae=facts.calling_ae,
+                    peer_address=facts.peer_address,
+                    negotiated_sop_class=str(event.context.abstract_syntax),
+                    requested_sop_uid=facts.requested_sop_uid,
+                )
                 return self.ingest.ingest(received).status
             except Exception as exc:  # the last-resort guard: answer and audit, never raise
                 log.exception("unexpected error handling a C-STORE from %s", facts.actor)
@@ -277,5 +300,9 @@ def _actor(assoc: Association) -> str:
 
 def _request_facts(event: evt.Event) -> RequestFacts:
     uid = getattr(event.request, "AffectedSOPInstanceUID", None)
-    return RequestFacts(actor=_actor(event.assoc), calling_ae=event.assoc.requestor.ae_title.strip(),
-                        peer_address=event.assoc.requestor.address, requested_sop_uid=str(uid) if uid else None)
+    return RequestFacts(
+        actor=_actor(event.assoc),
+        calling_ae=event.assoc.requestor.ae_title.strip(),
+        peer_address=event.assoc.requestor.address,
+        requested_sop_uid=str(uid) if uid else None,
+    )

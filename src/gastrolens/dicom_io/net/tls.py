@@ -88,7 +88,7 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
             request.close()
         except OSError:
             pass
-        if isinstance(exc, ssl.SSLEOFError) or isinstance(exc, ConnectionError):
+        if isinstance(exc, (ssl.SSLEOFError, ConnectionError)):
             # A port probe or a peer that gave up: worth a line, not an audit event.
             log.info("TLS connection from %s closed before the handshake finished: %s", peer, exc)
             return

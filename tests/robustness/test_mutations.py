@@ -83,8 +83,10 @@ def _wait_drained(db: Path, deadline_s: float) -> Counter[str]:
         time.sleep(0.5)  # polling the database with a deadline, not synchronising on time
 
 
-def _files(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if p.is_file()}
+def _files_outside(folder: Path, storage: Path) -> set[Path]:
+    """Files under ``folder`` but not under the storage root (the database files aside)."""
+    return {p for p in folder.rglob("*") if p.is_file() and storage not in p.parents
+            and not p.name.startswith("gastrolens.db")}
 
 
 def test_mutated_inputs_are_answered_stored_or_quarantined(node: Node, request: pytest.FixtureRequest,
@@ -92,7 +94,7 @@ def test_mutated_inputs_are_answered_stored_or_quarantined(node: Node, request: 
     count = int(request.config.getoption("--robustness-cases"))
     seed = int(request.config.getoption("--robustness-seed"))
     cases = generate(count, seed)
-    outside_before = _files(node.folder) - _files(node.storage)
+    outside_before = _files_outside(node.folder, node.storage)
     answers = _send(node, cases, tmp_path)
 
     problems = []
@@ -135,8 +137,7 @@ def test_mutated_inputs_are_answered_stored_or_quarantined(node: Node, request: 
     TALLY[("mutations", "pipeline", "instances failed (with reason)")] += states.get("failed", 0)
     assert node.process.poll() is None, f"the daemon died while processing:\n{node.log[-4000:]}"
 
-    outside_after = _files(node.folder) - _files(node.storage)
-    written_outside = {p for p in outside_after - outside_before if not p.name.startswith("gastrolens.db")}
+    written_outside = _files_outside(node.folder, node.storage) - outside_before
     assert not written_outside, f"written outside the storage root: {sorted(written_outside)[:10]}"
     assert not list(node.cwd.iterdir()), f"written into the working directory: {list(node.cwd.iterdir())[:10]}"
     verify = node.gastrolens("audit", "verify")

@@ -70,7 +70,7 @@ def tree(ds: Dataset, top: bool = True) -> list:
 
 
 def image(sop_class: str, *, variant: int, lesion: LesionClass | None, frames: int = 1,
-          charset: str = "ISO_IR 192", model=None, **source_kwargs):
+          charset: str = "ISO_IR 192", model=None, rows: int = ROWS, cols: int = COLS, **source_kwargs):
     """Image ``variant`` of a structure: same shape, every per-image value different."""
     pictures, findings = [], []
     for index in range(frames):
@@ -78,8 +78,8 @@ def image(sop_class: str, *, variant: int, lesion: LesionClass | None, frames: i
         if frames > 2 and index == frames // 2:
             cls = LesionClass.NORMAL
         center = (0.45 + 0.1 * variant, 0.3 + 0.4 * index / max(frames - 1, 1))
-        mask = lesion_mask(ROWS, COLS, center=center, radii=(0.15 + 0.05 * variant, 0.2))
-        pictures.append(endoscopy_frame(ROWS, COLS, seed=index + 10 * variant, lesion=mask if cls.is_lesion else None))
+        mask = lesion_mask(rows, cols, center=center, radii=(0.15 + 0.05 * variant, 0.2))
+        pictures.append(endoscopy_frame(rows, cols, seed=index + 10 * variant, lesion=mask if cls.is_lesion else None))
         kwargs = {"model": model} if model is not None else {}
         findings.append(make_finding(mask, cls, confidence=0.71 + 0.13 * variant + 0.01 * index, **kwargs))
     source = make_source(pictures, sop_class=sop_class, charset=charset,
@@ -181,6 +181,15 @@ def test_template_path_is_deterministic(tmp_path: Path):
     for a, b in zip(first, again, strict=True):
         assert a.sop_instance_uid == b.sop_instance_uid
         assert tree(dcmread(a.path)) == tree(dcmread(b.path))
+
+
+def test_odd_length_packed_bits_are_null_padded(tmp_path: Path):
+    """9 x 8 pixels pack into 9 bytes: both paths pad with NULL (highdicom writes '0')."""
+    written = assert_same_both_ways(
+        tmp_path, lambda v: image(VL_ENDOSCOPIC, variant=v, lesion=LesionClass.PU, rows=9, cols=8)
+    )
+    seg = dcmread(written[0].path)
+    assert len(seg.PixelData) == 10 and seg.PixelData[-1:] == b"\x00"
 
 
 def test_seg_bits_are_packed_least_significant_first(tmp_path: Path):

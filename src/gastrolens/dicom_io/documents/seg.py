@@ -171,6 +171,7 @@ def build_segmentation(
     seg.ImageComments = model_comment(model)
     seg.CodingSchemeIdentificationSequence = codes.coding_scheme_identification()
     _fix_dimension_organization_uid(seg, dimension_organization_uid(source_uid, model.weights_sha256))
+    _null_padding(seg, (len(frames) * masks.shape[1] * masks.shape[2] + 7) // 8)
     if multiframe:
         _restore_source_class(seg, source_uid, header.SOPClassUID)
         if references_frames(header):
@@ -189,6 +190,14 @@ def _fix_dimension_organization_uid(seg: Dataset, uid: UID) -> None:
         for item in seg.get(keyword, []):
             if "DimensionOrganizationUID" in item:
                 item.DimensionOrganizationUID = uid
+
+
+def _null_padding(seg: Dataset, packed_length: int) -> None:
+    """highdicom pads odd-length packed bits with the character '0' (0x30); PS3.5 8.1.1
+    asks for a NULL byte. The pad is not a pixel, but readers and checksums see it."""
+    data = seg.PixelData
+    if packed_length % 2 and len(data) == packed_length + 1 and data[-1:] == b"0":
+        seg.PixelData = data[:-1] + b"\x00"
 
 
 def _single_frame_proxy(header: Dataset) -> Dataset:

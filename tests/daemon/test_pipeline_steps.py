@@ -311,6 +311,7 @@ def test_a_study_judged_by_two_models_gets_one_sr_naming_both(stage, tiny_engine
     assert [m["weights_sha256"] for m in json.loads(event.detail)["models"]] == [first, second]
     sr = stage.store.absolute(report.file_path).read_bytes()
     assert f"weights_sha256={first}".encode() in sr and f"weights_sha256={second}".encode() in sr
+    assert dciodvfy_errors(stage.store.absolute(report.file_path)) == []
 
 
 def test_an_instance_processed_again_counts_once_by_its_newest_result(stage, tiny_engine, second_engine, study_uid):
@@ -326,3 +327,41 @@ def test_an_instance_processed_again_counts_once_by_its_newest_result(stage, tin
     detail = json.loads(event.detail)
     assert detail["images"] == 1
     assert [m["weights_sha256"] for m in detail["models"]] == [second_engine.identity.weights_sha256]
+
+
+def test_a_late_image_after_retention_gets_a_revision_covering_the_whole_study(make_stage, tiny_engine, study_uid):
+    stage = make_stage(retention={"enabled": True, "days": 1})
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    completion = StudyCompletion(stage.settings, stage.db, stage.store, "w")
+    stage.receive(study_uid, seed=1)
+    step.run_once()
+    assert completion.run_once() == 1
+    old = utcnow() - timedelta(days=2)
+    with stage.db.session() as s:
+        s.execute(update(Instance).values(received_at=old))
+        s.execute(update(Output).values(created_at=old))
+        s.execute(update(Delivery).values(state=DeliveryState.SENT))
+    assert RetentionStep(stage.settings, stage.db, stage.store, "w").run_once() > 0
+    with stage.db.session() as s:
+        assert all(i.removed_at is not None for i in s.scalars(select(Instance)))
+    stage.receive(study_uid, seed=2)  # a late image, a month on
+    step.run_once()
+    assert completion.run_once() == 1
+    with stage.db.session() as s:
+        latest = s.scalars(select(AuditEvent).where(AuditEvent.event_type == AuditEventType.STUDY_REPORTED)
+                           .order_by(AuditEvent.id.desc())).first()
+    assert json.loads(latest.detail)["revision"] == 2 and json.loads(latest.detail)["images"] == 2
+    with stage.db.session() as s:
+        revision_2 = s.scalars(select(Output).where(Output.kind == OutputKind.STUDY_SR, Output.revision == 2)).one()
+    assert dciodvfy_errors(stage.store.absolute(revision_2.file_path)) == []
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """dciodvfy's 'Error' lines (its exit status is unreliable)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]

@@ -23,16 +23,17 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import exists, func, select
 
 from gastrolens import metrics
 from gastrolens.config import Settings
 from gastrolens.db import Database
 from gastrolens.db.states import InstanceState
-from gastrolens.db.tables import Instance, Output, Result, Study, utcnow
+from gastrolens.db.tables import Instance, Output, Result, Series, Study, utcnow
 from gastrolens.db.transitions import NewOutput, StudyReport, record_study_report
 from gastrolens.dicom_io.documents.outputs import PredecessorRef, write_study_sr
-from gastrolens.errors import GastroLensError
+from gastrolens.errors import GastroLensError, OutputError
 from gastrolens.findings import ImageFinding, LesionClass, ModelIdentity, OutputKind
 from gastrolens.storage.store import Store
 
@@ -60,7 +61,7 @@ class StudyCompletion:
             newest_result.is_not(None),
             (Study.reported_at.is_(None)) | (newest_result > Study.reported_at),
         ).order_by(Study.last_received_at)
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             return list(session.scalars(stmt))
 
     def run_once(self) -> int:
@@ -72,20 +73,21 @@ class StudyCompletion:
             try:
                 with metrics.stage_cpu(metrics.Stage.COMPLETE):
                     written += self.report(study_id)
-            except GastroLensError as exc:
+            except (GastroLensError, OSError, InvalidDicomError) as exc:  # one study never blocks the others
                 log.error("study %d: cannot write the study SR: %s", study_id, exc)
         return written
 
     def report(self, study_id: int) -> int:
         """Write the study's next SR revision from the newest finding of every frame; 1 if written."""
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             study = session.get(Study, study_id)
             assert study is not None
             revision = study.report_revision + 1
             study_uid = study.study_instance_uid
             rows = session.execute(
-                select(Instance, Result)
+                select(Instance, Result, Series.series_instance_uid)
                 .join(Result, Result.instance_id == Instance.id)
+                .join(Series, Instance.series_id == Series.id)
                 .where(Instance.study_id == study_id, Instance.state == InstanceState.DONE,
                        Instance.superseded.is_(False))
                 .order_by(Instance.received_at, Instance.id, Result.frame_number, Result.created_at, Result.id)
@@ -97,7 +99,7 @@ class StudyCompletion:
                                           previous.sop_class_uid) if previous else None)
         if not rows:
             return 0
-        study_pairs, models = self._study_pairs(rows)
+        study_pairs, models = self._study_pairs(rows, study)
         written = write_study_sr(study_pairs, self.store.absolute(f"outputs/{study_uid}"), self.settings.outputs,
                                  revision=revision, predecessor=predecessor, fsync=self.settings.storage.fsync)
         conclusion = written.conclusion
@@ -120,24 +122,68 @@ class StudyCompletion:
                  conclusion.conclusion.value, len(models))
         return 1
 
-    def _study_pairs(self, rows: Sequence[Any]) -> tuple[list[tuple[Dataset, list[ImageFinding]]], list[ModelIdentity]]:
+    def _study_pairs(self, rows: Sequence[Any],
+                     study: Study) -> tuple[list[tuple[Dataset, list[ImageFinding]]], list[ModelIdentity]]:
         """Each instance's header with the newest finding of each of its frames, and the models behind them.
 
         An instance processed again (by another model) has several results per frame; the
         newest counts. The models are in the order of their newest finding, newest last.
         """
         headers: dict[int, Dataset] = {}
+        rebuilt: list[int] = []
         frames: dict[int, dict[int, Result]] = {}
-        for instance, result in rows:  # ordered by frame, then age: a later row replaces an earlier one
+        for instance, result, series_uid in rows:  # ordered by frame, then age: a later row replaces an earlier one
             if instance.id not in headers:
-                headers[instance.id] = dcmread(self.store.absolute(instance.file_path), stop_before_pixels=True)
+                stored = self._stored_header(instance)
+                if stored is None:
+                    rebuilt.append(instance.id)
+                headers[instance.id] = stored or _header_from_database(instance, series_uid, study)
                 frames[instance.id] = {}
             frames[instance.id][result.frame_number] = result
+        for instance_id in rebuilt:
+            if len(frames[instance_id]) > 1:
+                headers[instance_id].NumberOfFrames = len(frames[instance_id])
         pairs = [(headers[i], [finding_from_result(frames[i][n]) for n in sorted(frames[i])]) for i in headers]
         current = [r for by_frame in frames.values() for r in by_frame.values()]
         newest = sorted(current, key=lambda r: (r.created_at, r.id))
         models = list(dict.fromkeys(_identity(r) for r in reversed(newest)))[::-1]
         return pairs, models
+
+
+    def _stored_header(self, instance: Instance) -> Dataset | None:
+        """The stored source's header, or None when retention (or anything else) removed the file."""
+        if instance.removed_at is None:
+            try:
+                return dcmread(self.store.absolute(instance.file_path), stop_before_pixels=True)
+            except FileNotFoundError:
+                log.warning("source %s is missing from the store", instance.sop_instance_uid)
+        return None
+
+
+def _header_from_database(instance: Instance, series_uid: str, study: Study) -> Dataset:
+    """A source header from what the database kept of it.
+
+    A late image can arrive in a study whose earlier sources retention already removed:
+    the next revision still covers every image, referenced by the UIDs and the
+    patient/study attributes the database holds.
+    """
+    if instance.rows is None or instance.columns is None:
+        raise OutputError(f"source {instance.sop_instance_uid} was removed and its image size is not known "
+                          "(processed before GastroLens kept it)")
+    header = Dataset()
+    header.Rows, header.Columns = instance.rows, instance.columns
+    header.SOPClassUID = instance.sop_class_uid
+    header.SOPInstanceUID = instance.sop_instance_uid
+    header.SeriesInstanceUID = series_uid
+    header.StudyInstanceUID = study.study_instance_uid
+    header.PatientID = study.patient_id
+    header.PatientName = study.patient_name
+    header.AccessionNumber = study.accession_number
+    header.StudyDate = study.study_date
+    header.StudyDescription = study.study_description
+    if study.patient_name and not study.patient_name.isascii():
+        header.SpecificCharacterSet = "ISO_IR 192"
+    return header
 
 
 def _identity(result: Result) -> ModelIdentity:

@@ -323,6 +323,7 @@ class InferenceStep:
             with metrics.stage_cpu(metrics.Stage.RECORD), self.db.session() as session:
                 finished = finish_instance(session, item.claim, worker=self.worker, findings=item.findings,
                                            outputs=outputs, quirks=written.quirks,
+                                           image_size=item.frames[0].shape[:2] if item.frames else None,
                                            destinations=self._destination_names, now=utcnow())
         except DatabaseError as exc:  # this instance fails alone; the batch goes on
             return f"cannot record results: {exc}"

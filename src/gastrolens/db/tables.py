@@ -117,6 +117,9 @@ class Instance(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    """The image size (set when done): a study SR still references the image after retention removed the file."""
     quirks: Mapped[list[str] | None] = mapped_column(JSON)
     """What was wrong with the source and how its outputs were written anyway (None: nothing)."""
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -54,11 +54,12 @@ def _event(claim: ClaimedInstance, **fields: Any) -> audit.Event:
 
 def finish_instance(session: Session, claim: ClaimedInstance, *, worker: str, findings: Sequence[ImageFinding],
                     outputs: Sequence[NewOutput], destinations: Sequence[str], now: datetime,
-                    quirks: Sequence[str] = ()) -> bool:
+                    quirks: Sequence[str] = (), image_size: tuple[int, int] | None = None) -> bool:
     """``claimed -> done``: results, outputs, their deliveries and the audit events, in ``session``.
 
     ``quirks`` (what was wrong with the source and how it was read anyway) are kept on the
-    instance and named in its audit event. False (and nothing written) when ``worker`` no
+    instance and named in its audit event; so is ``image_size`` (rows, columns), which a
+    study SR needs once retention removed the source. False (and nothing written) when ``worker`` no
     longer holds the claim.
     """
     instance = _hold(session, claim, worker)
@@ -76,6 +77,8 @@ def finish_instance(session: Session, claim: ClaimedInstance, *, worker: str, fi
     instance.claimed_by = instance.lease_expires_at = None
     instance.error = None
     instance.quirks = list(quirks) or None
+    if image_size is not None:
+        instance.rows, instance.columns = (int(n) for n in image_size)
     audit.record(session, _event(
         claim, type=AuditEventType.INSTANCE_DONE, actor=worker, outcome=Outcome.WARNING if quirks else Outcome.SUCCESS,
         detail={"instance_id": claim.id, "frames": len(findings),

@@ -209,6 +209,14 @@ def _meta_end(data: bytes) -> int:
 
 
 def _pixel_start(data: bytes) -> int:
+    """Offset of the Pixel Data element header (its value starts 12 bytes later, 8 if implicit)."""
+    try:
+        raw = dcmread(BytesIO(data)).get_item(0x7FE00010)
+    except Exception:  # not parseable as it is: fall back to the last tag-looking bytes
+        raw = None
+    if raw is not None and getattr(raw, "value_tell", None):
+        implicit = _meta_values(data).get(0x0010) == ImplicitVRLittleEndian
+        return int(raw.value_tell) - (8 if implicit else 12)
     at = data.rfind(b"\xe0\x7f\x10\x00")
     return at if at > _meta_end(data) else len(data)
 

@@ -26,7 +26,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
@@ -277,10 +277,19 @@ def _convert_everything(ds: Dataset) -> None:
                 raise InvalidInstanceError(
                     f"the data set holds more than {MAX_ELEMENTS} elements", STATUS_DOES_NOT_MATCH_SOP_CLASS
                 )
-            _check_complete(current.get_item(tag))
-            element = current[tag]  # converts the raw element: a corrupt value raises here
+            raw = current.get_item(tag)
+            _check_complete(raw)
+            try:
+                element = current[tag]  # converts the raw element: a corrupt value raises here
+            except Exception as exc:
+                raise ValueError(f"element {_name(tag)} does not convert: {exc.__class__.__name__}: {exc}") from exc
             if isinstance(element.value, Sequence):
                 pending.extend((item, depth + 1) for item in element.value)
+
+
+def _name(tag: int) -> str:
+    keyword = keyword_for_tag(tag)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + keyword if keyword else ''}"
 
 
 def _check_complete(raw: object) -> None:

@@ -180,12 +180,14 @@ def test_every_chunk_is_committed_before_its_files_go(node: Node) -> None:
     assert len(node.files()) == 10 - 6
 
 
-def test_the_sweep_spares_young_referenced_and_quarantined_files(node: Node) -> None:
+def test_the_sweep_spares_young_referenced_quarantined_and_staged_files(node: Node) -> None:
     _fill(node, images=1, delivery=DeliveryState.RETRYING)  # not delivered: kept however old
     stray = "outputs/1.2.3/overlay/1.2.3.4.dcm"
     (node.root / stray).parent.mkdir(parents=True)
     (node.root / stray).write_bytes(b"no row refers to this file")
     (node.root / "quarantine" / "note.dcm").write_bytes(b"kept by its own rules")
+    (node.root / "instances" / ".incoming").mkdir(exist_ok=True)
+    (node.root / "instances" / ".incoming" / "rx-1.part").write_bytes(b"the receiver's staging area")
     kept = node.files() - {stray}
 
     assert node.step().run_once(now=utcnow()) == 0, "the stray file is younger than the retention age"

@@ -35,7 +35,9 @@ CHUNK = 500
 """Rows retired per transaction: the write lock is held for one chunk, not for the whole pass."""
 
 SWEPT_FOLDERS = ("instances", "outputs")
-"""Folders under the storage root whose files belong to instance and output rows (quarantine does not)."""
+"""Folders under the storage root whose files belong to instance and output rows (quarantine does not).
+Hidden folders below them (the receiver's ``instances/.incoming`` staging area) are the store's own and
+are left alone."""
 
 
 class RetentionStep:
@@ -121,7 +123,8 @@ class RetentionStep:
     def _old_files(self, cutoff: datetime) -> Iterator[str]:
         limit = cutoff.timestamp()
         for folder in SWEPT_FOLDERS:
-            for directory, _, names in os.walk(self.store.root / folder):
+            for directory, folders, names in os.walk(self.store.root / folder):
+                folders[:] = [f for f in folders if not f.startswith(".")]
                 for name in names:
                     path = Path(directory) / name
                     try:

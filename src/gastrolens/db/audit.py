@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
+from gastrolens.db.engine import on_postgresql
 from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.db.tables import AuditEvent
 
@@ -48,7 +49,7 @@ def record(session: Session, event: Event) -> str:
 
     A plain INSERT rather than an ORM object: it runs on every C-STORE.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
     prev = session.execute(_LAST_HASH).scalar()
     row = AuditEvent(
@@ -115,7 +116,8 @@ def verify_chain(session: Session, batch: int = 5000) -> ChainReport:
     for row in _rows_in_order(session, batch):
         count += 1
         if row.prev_hash != expected_prev:
-            return ChainReport(count, row.id, "prev_hash does not match the previous row's hash (a row was removed or reordered)")
+            return ChainReport(count, row.id,
+                               "prev_hash does not match the previous row's hash (a row was removed or reordered)")
         if row_hash(row) != row.hash:
             return ChainReport(count, row.id, "content does not match its hash (the row was edited)")
         expected_prev = row.hash
@@ -125,7 +127,8 @@ def verify_chain(session: Session, batch: int = 5000) -> ChainReport:
 def _rows_in_order(session: Session, batch: int) -> Iterator[AuditEvent]:
     last_id = 0
     while True:
-        rows = session.scalars(select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)).all()
+        page = select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)
+        rows = session.scalars(page).all()
         if not rows:
             return
         yield from rows

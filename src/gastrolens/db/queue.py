@@ -23,6 +23,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from gastrolens.db import audit
+from gastrolens.db.engine import on_postgresql
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
 from gastrolens.db.tables import Delivery, Instance, Output, Series, Study
 
@@ -55,7 +56,7 @@ class ClaimedDelivery:
 
 
 def _skip_locked(session: Session, stmt: Any, table: type) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         return stmt.with_for_update(skip_locked=True, of=table)
     return stmt
 

@@ -20,6 +20,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from gastrolens.db import audit
+from gastrolens.db.engine import on_postgresql
 from gastrolens.db.queue import ClaimedInstance
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
 from gastrolens.db.tables import Delivery, Instance, Output, Result, Study, probability_values
@@ -42,7 +43,7 @@ def _hold(session: Session, claim: ClaimedInstance, worker: str) -> Instance | N
     """The instance if ``worker`` still holds its claim (locked for the rest of the transaction)."""
     stmt = select(Instance).where(Instance.id == claim.id, Instance.state == InstanceState.CLAIMED,
                                   Instance.claimed_by == worker)
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         stmt = stmt.with_for_update()
     return session.scalars(stmt).first()
 

@@ -48,6 +48,16 @@ def dsrdump(path: Path) -> str:
     return result.stdout
 
 
+def write_fast(source, findings, out_dir: Path, settings=None, **options):
+    """write_outputs on the template path: a structure's first image is built by the
+    reference path (fast.CACHE compiles on the second sighting), so write it once into a
+    scratch folder first."""
+    from gastrolens.dicom_io.documents.outputs import write_outputs
+
+    write_outputs(source, findings, out_dir.parent / f".warm-{out_dir.name}", settings, **options)
+    return write_outputs(source, findings, out_dir, settings, **options)
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     """test-artifacts/dicom_io/ (gitignored): rendered overlays for a human to look at."""

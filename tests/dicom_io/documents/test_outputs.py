@@ -288,6 +288,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch):
 
 def test_a_failed_fast_write_leaves_nothing_behind(tmp_path: Path, monkeypatch):
     source, findings = scenario()
+    write_outputs(source, findings, tmp_path / "warm")  # the next one compiles and takes the template path
     real_write = outputs_module.write_atomic
 
     def failing_write(path, write, *, fsync=True):

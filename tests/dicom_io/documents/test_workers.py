@@ -39,12 +39,15 @@ def test_in_process_result_carries_cpu_seconds(tmp_path: Path):
 def test_a_spawned_worker_reports_its_cpu_time_per_image(tmp_path: Path):
     source, findings = scenario(VL_ENDOSCOPIC, rows=96, cols=128)
     with output_workers(1) as pool:
-        first = pool.submit(write_outputs_in_worker, source, findings, tmp_path / "a", fsync=False).result(timeout=300)
-        second = pool.submit(write_outputs_in_worker, source, findings, tmp_path / "b", fsync=False).result(timeout=300)
-    for written in (first, second):
+        first, second, third = (
+            pool.submit(write_outputs_in_worker, source, findings, tmp_path / name, fsync=False).result(timeout=300)
+            for name in ("a", "b", "c")
+        )
+    for written in (first, second, third):
         assert isinstance(written, WrittenOutputs)
         assert {w.kind for w in written} == {OutputKind.SEG, OutputKind.SR, OutputKind.OVERLAY}
         assert all(w.path.exists() for w in written)
         assert 0.0 < written.cpu_seconds < 60.0
-    # the first image pays for compiling the templates; the second only fills them
-    assert second.cpu_seconds < first.cpu_seconds
+    # the first is built by the reference path (and pays for imports), the second
+    # compiles the templates, the third only fills them
+    assert third.cpu_seconds < min(first.cpu_seconds, second.cpu_seconds)

@@ -15,6 +15,7 @@ matrix of sources and compares the whole attribute trees.
 from __future__ import annotations
 
 import datetime
+import enum
 import hashlib
 import logging
 import threading
@@ -76,21 +77,32 @@ class BuiltObject:
 class _Cache:
     """Compiled templates by structure; None marks a structure the template path refused.
 
-    Thread-safe (the daemon may build outputs in threads when it has no worker
-    processes); two threads missing the same key both compile it, which is harmless.
+    A structure is compiled the *second* time it is seen: compiling costs about three
+    reference builds, which pays off after a few images but not for a structure seen
+    once (a long multi-frame clip whose per-frame classes never repeat). The first
+    sighting is built by the reference path. Thread-safe (the daemon may build outputs
+    in threads when it has no worker processes); two threads missing the same key both
+    compile it, which is harmless.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._items: OrderedDict[tuple[Any, ...], Template | None] = OrderedDict()
+        self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self._lock = threading.Lock()
         self.misses = 0
+        """How many templates were compiled (or refused while compiling)."""
 
-    def get(self, key: tuple[Any, ...], make: Callable[[], Template | None]) -> Template | None:
+    def get(self, key: tuple[Any, ...], make: Callable[[], Template | None]) -> Template | None | NotYet:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+            if key not in self._seen:
+                self._seen[key] = None
+                while len(self._seen) > 16 * self._size:
+                    self._seen.popitem(last=False)
+                return NOT_YET
             self.misses += 1
         value = make()
         with self._lock:
@@ -102,6 +114,16 @@ class _Cache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._seen.clear()
+
+
+class NotYet(enum.Enum):
+    """A structure seen for the first time: no template yet."""
+
+    NOT_YET = "not yet"
+
+
+NOT_YET = NotYet.NOT_YET
 
 
 CACHE = _Cache(CACHE_SIZE)
@@ -263,38 +285,40 @@ def build_fast(
             return source[name[4:]].value
         raise KeyError(name)
 
-    memo: dict[tuple[int, str, str], bytes] = {}
-    built: list[BuiltObject] = []
     segs = [f for f, (_, has) in enumerate(structure, start=1) if has] if seg else []
+    rows, cols = int(source.Rows), int(source.Columns)
+    wanted: list[tuple[OutputKind, Template | None | NotYet]] = []
+    # Every kind is looked up before any is built, so one image registers all of them.
     if segs:
-        template = CACHE.get((OutputKind.SEG, signature, structure, model),
-                             lambda: _compile(OutputKind.SEG, lambda h, f: _seg(h, f, model), source, findings, model))
-        if template is None:
-            raise TemplateRefused(OutputKind.SEG.value)
-        values[PIXELS] = _pack_masks([findings[f - 1].mask for f in lesion_frames(findings)])
-        built.append(_object(OutputKind.SEG, template, values, value_of, created, memo))
+        wanted.append((OutputKind.SEG, CACHE.get(
+            (OutputKind.SEG, signature, structure, model),
+            lambda: _compile(OutputKind.SEG, lambda h, f: _seg(h, f, model), source, findings, model))))
     if sr:
-        template = CACHE.get((OutputKind.SR, signature, structure, model, bool(segs)),
-                             lambda: _compile(OutputKind.SR, lambda h, f: _sr(h, f, model, bool(segs)),
-                                              source, findings, model))
-        if template is None:
-            raise TemplateRefused(OutputKind.SR.value)
-        built.append(_object(OutputKind.SR, template, values, value_of, created, memo))
+        wanted.append((OutputKind.SR, CACHE.get(
+            (OutputKind.SR, signature, structure, model, bool(segs)),
+            lambda: _compile(OutputKind.SR, lambda h, f: _sr(h, f, model, bool(segs)), source, findings, model))))
     if overlay:
-        assert frames is not None
-        rows, cols = int(source.Rows), int(source.Columns)
-        template = CACHE.get(
+        wanted.append((OutputKind.OVERLAY, CACHE.get(
             (OutputKind.OVERLAY, signature, len(findings), model),
             lambda: _compile(OutputKind.OVERLAY,
                              lambda h, f: build_overlay(h, [np.zeros((rows, cols, 3), np.uint8)] * len(f), f, model),
-                             source, findings, model),
-        )
-        if template is None:
-            raise TemplateRefused(OutputKind.OVERLAY.value)
-        drawn = [draw_overlay_fast(frame, finding, model) for frame, finding in zip(frames, findings, strict=True)]
-        pixels = drawn[0] if len(drawn) == 1 else np.stack(drawn)
-        values[PIXELS] = pixels.data.cast("B")  # the drawn array itself, not a copy
-        built.append(_object(OutputKind.OVERLAY, template, values, value_of, created, memo))
+                             source, findings, model))))
+    missing = [kind.value for kind, template in wanted if not isinstance(template, Template)]
+    if missing:
+        raise TemplateRefused(", ".join(missing))
+
+    memo: dict[tuple[int, str, str], bytes] = {}
+    built: list[BuiltObject] = []
+    for kind, template in wanted:
+        assert isinstance(template, Template)
+        if kind is OutputKind.SEG:
+            values[PIXELS] = _pack_masks([findings[f - 1].mask for f in lesion_frames(findings)])
+        elif kind is OutputKind.OVERLAY:
+            assert frames is not None
+            drawn = [draw_overlay_fast(frame, finding, model) for frame, finding in zip(frames, findings, strict=True)]
+            pixels = drawn[0] if len(drawn) == 1 else np.stack(drawn)
+            values[PIXELS] = pixels.data.cast("B")  # the drawn array itself, not a copy
+        built.append(_object(kind, template, values, value_of, created, memo))
     return built
 
 

@@ -140,9 +140,9 @@ def write_outputs(
     if builder is Builder.TEMPLATE:
         try:
             written = _write_fast(header, findings, model, settings, frames, out_dir, fsync=fsync)
-        except TemplateRefused as exc:
-            logger.info("the %s template was refused for instance %s; building with the reference path",
-                        exc, source.SOPInstanceUID)
+        except TemplateRefused as exc:  # a structure seen for the first time, or refused
+            logger.debug("no %s template for instance %s yet; building with the reference path",
+                         exc, source.SOPInstanceUID)
     if written is None:
         written = _write_reference(header, findings, model, settings, frames, out_dir, fsync=fsync)
     logger.info(

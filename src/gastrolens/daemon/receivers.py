@@ -94,6 +94,14 @@ class ReceiverPool:
     def listening(self) -> bool:
         return self._listener is not None and bool(self._processes) and all(p.is_alive() for p in self._processes)
 
+    def loads(self) -> list[int]:
+        """Connections each receiver process is serving now (handed over, not yet finished)."""
+        return [self._handed[i] - self._finished[i] for i in range(self.count)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid is not None]
+
     def start(self, timeout: float = 120.0) -> None:
         dicom: DicomSettings = self.settings.dicom
         context = multiprocessing.get_context("spawn")
@@ -152,8 +160,11 @@ class ReceiverPool:
             thread.start()
         log.info("%d receiver processes serving %s:%d", self.count, dicom.bind, self._port)
 
-    def stop(self, drain_seconds: float = 30.0) -> None:
-        """Stop accepting, then SIGTERM each process (it drains its associations) and wait for it."""
+    def stop(self, drain_seconds: float = 30.0) -> list[int | None]:
+        """Stop accepting, then SIGTERM each process (it drains its associations) and wait for it.
+
+        Returns the processes' exit codes (0: drained and exited cleanly).
+        """
         self._stopping.set()
         for thread in self._threads:
             if thread.name == "gastrolens-acceptor":
@@ -176,7 +187,9 @@ class ReceiverPool:
             thread.join(timeout=5)
         for pipe in self._pipes:
             pipe.close()
+        codes = [p.exitcode for p in self._processes]
         self._processes, self._pipes, self._channels, self._listener, self._threads = [], [], [], None, []
+        return codes
 
     def _accept(self) -> None:
         """Accept connections and hand each to the process serving the fewest."""
@@ -198,7 +211,7 @@ class ReceiverPool:
                 conn.close()  # the receiver process holds its own copy
 
     def _hand_over(self, conn: socket.socket, address: tuple[Any, ...]) -> None:
-        loads = [self._handed[i] - self._finished[i] for i in range(self.count)]
+        loads = self.loads()
         note = json.dumps([str(address[0]), int(address[1])]).encode()
         for index in sorted(range(self.count), key=lambda i: (loads[i], i)):
             try:

@@ -240,6 +240,8 @@ def _print_study(study: StudyDetail) -> None:
     for i in study.instances:
         if i.error and not i.superseded:
             print(f"  image {numbers[i.sop_instance_uid]} {i.state.value}: {i.error}")
+        if i.quirks and not i.superseded:
+            print(f"  image {numbers[i.sop_instance_uid]} read despite: {'; '.join(i.quirks)}")
     outputs = [(o, "study") for o in study.study_outputs] + [
         (o, str(numbers.get(o.source_sop_uid or "", "-"))) for i in study.instances for o in i.outputs
     ]

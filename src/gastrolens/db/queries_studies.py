@@ -250,6 +250,7 @@ def _instance_views(session: Session, instances: Sequence[Instance], outputs: Se
             state=i.state,
             attempts=i.attempts,
             error=i.error,
+            quirks=list(i.quirks or ()),
             received_at=utc(i.received_at),
             finished_at=utc(i.finished_at),
             removed_at=utc(i.removed_at),

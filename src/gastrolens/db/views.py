@@ -120,6 +120,8 @@ class InstanceView(_View):
     state: InstanceState
     attempts: int
     error: str | None
+    quirks: list[str] = []
+    """What was wrong with the source and how it was read anyway (missing Modality, odd character set...)."""
     received_at: datetime
     finished_at: datetime | None
     removed_at: datetime | None

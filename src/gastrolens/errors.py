@@ -7,13 +7,11 @@
      ├── StorageError           the store could not persist bytes (disk, permissions)
      ├── InvalidInstanceError   received bytes that are not a storable instance
      ├── DatabaseError          the database could not commit
-     ├── AuditChainError        the audit hash chain is broken
      ├── ModelError             networks, model packages, inference input
      │    └── ModelPackageError a package is missing, tampered or does not match
      ├── DeviceError            the accelerator is in a failed state: restart the engine, not per image
      ├── OutputError            a SEG / SR / overlay could not be written
      ├── DecodeError            a stored instance's pixel data could not be decoded
-     ├── DeliveryError          a destination refused or could not be reached
      └── DatasetError           a training manifest row is wrong (names the row)
 
 Third-party errors are translated with ``raise ... from exc`` at the boundary.
@@ -56,10 +54,6 @@ class DatabaseError(GastroLensError):
     """The database could not commit."""
 
 
-class AuditChainError(GastroLensError):
-    """The audit hash chain does not verify."""
-
-
 class ModelError(GastroLensError):
     """Networks, model packages or inference input are wrong."""
 
@@ -82,10 +76,6 @@ class OutputError(GastroLensError):
 
 class DecodeError(GastroLensError):
     """A stored instance's pixel data is missing or could not be decoded to RGB."""
-
-
-class DeliveryError(GastroLensError):
-    """A destination refused an output or could not be reached."""
 
 
 class DatasetError(GastroLensError):

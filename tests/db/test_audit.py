@@ -24,7 +24,7 @@ def db(db_url):
 def add_events(db: Database, n: int) -> None:
     for i in range(n):
         with db.session() as s:
-            audit.record(s, audit.Event(type=AuditEventType.ECHO, actor="dicom:ENDO@127.0.0.1", outcome=Outcome.SUCCESS,
+            audit.record(s, audit.Event(type=AuditEventType.SERVICE_STARTED, actor="dicom:ENDO@127.0.0.1", outcome=Outcome.SUCCESS,
                                         detail={"i": i, "patient": "张黎明"}))
 
 
@@ -89,7 +89,7 @@ def test_concurrent_writers_keep_one_chain(db):
 
 def test_event_commits_with_its_transaction(db):
     with pytest.raises(RuntimeError), db.session() as s:
-        audit.record(s, audit.Event(type=AuditEventType.ECHO, actor="x"))
+        audit.record(s, audit.Event(type=AuditEventType.SERVICE_STARTED, actor="x"))
         raise RuntimeError("the state change failed")
     with db.session() as s:
         assert s.scalar(select(sqlalchemy.func.count()).select_from(AuditEvent)) == 0

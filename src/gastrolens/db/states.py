@@ -34,9 +34,7 @@ class AuditEventType(str, enum.Enum):
 
     SERVICE_STARTED = "service.started"
     SERVICE_STOPPED = "service.stopped"
-    ASSOCIATION_ACCEPTED = "association.accepted"
     ASSOCIATION_REJECTED = "association.rejected"
-    ECHO = "dicom.echo"
     INSTANCE_RECEIVED = "instance.received"
     INSTANCE_DUPLICATE = "instance.duplicate"
     INSTANCE_NEW_VERSION = "instance.new_version"
@@ -48,7 +46,6 @@ class AuditEventType(str, enum.Enum):
     INSTANCE_FAILED = "instance.failed"
     OUTPUT_WRITTEN = "output.written"
     STUDY_REPORTED = "study.reported"
-    DELIVERY_ATTEMPTED = "delivery.attempted"
     DELIVERY_SENT = "delivery.sent"
     DELIVERY_RETRYING = "delivery.retrying"
     DELIVERY_DEAD = "delivery.dead"

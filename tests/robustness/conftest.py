@@ -43,8 +43,14 @@ class Node:
     log_lines: list[str]
 
     def gastrolens(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*GASTROLENS, *args, "--config", str(self.config)], capture_output=True, text=True,
-                              timeout=120, cwd=self.cwd, env=_clean_env())
+        return subprocess.run(
+            [*GASTROLENS, *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.cwd,
+            env=_clean_env(),
+        )
 
     @property
     def log(self) -> str:
@@ -88,7 +94,7 @@ root = "{storage}"
 min_free_mb = 1
 
 [database]
-url = "sqlite:///{folder / 'gastrolens.db'}"
+url = "sqlite:///{folder / "gastrolens.db"}"
 
 [model]
 package = "{tiny_model}"
@@ -117,8 +123,14 @@ name = "auditor"
 role = "auditor"
 sha256 = "{_hash(AUDITOR_TOKEN)}"
 """)
-    process = subprocess.Popen([*GASTROLENS, "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=cwd, env=_clean_env())
+    process = subprocess.Popen(
+        [*GASTROLENS, "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=_clean_env(),
+    )
     lines: list[str] = []
     assert process.stderr is not None and process.stdout is not None
     threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True).start()
@@ -161,5 +173,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"  {category:<28} {outcome:<34} {count:>5}")
     artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    (artifacts / "robustness-summary.json").write_text(json.dumps(
-        [{"suite": s, "category": c, "outcome": o, "count": n} for (s, c, o), n in sorted(TALLY.items())], indent=1))
+    (artifacts / "robustness-summary.json").write_text(
+        json.dumps(
+            [{"suite": s, "category": c, "outcome": o, "count": n} for (s, c, o), n in sorted(TALLY.items())], indent=1
+        )
+    )

@@ -29,9 +29,8 @@ import pydicom
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag
 from pydicom.filewriter import write_file_meta_info
-from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -98,7 +97,9 @@ def sources() -> list[Source]:
     """The unmutated files, encoded once."""
     made: list[Source] = []
     frame, _ = endoscopy_frame(48, 64, LesionClass.PU, seed=3)
-    made.append(Source("samples VL endoscopic JPEG", _encode(as_dicom(frame, sop_class=VL_ENDOSCOPIC, jpeg_quality=90))))
+    made.append(
+        Source("samples VL endoscopic JPEG", _encode(as_dicom(frame, sop_class=VL_ENDOSCOPIC, jpeg_quality=90)))
+    )
     made.append(Source("samples SC RGB explicit", _encode(as_dicom(frame, sop_class=SECONDARY_CAPTURE))))
     implicit = as_dicom(frame, sop_class=SECONDARY_CAPTURE)
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
@@ -128,8 +129,17 @@ def generate(count: int, seed: int) -> list[Case]:
         if category in _BYTE_MUTATIONS:
             data, detail = _BYTE_MUTATIONS[category](rng, data)
         meta = _meta_values(data)
-        cases.append(Case(number=number, category=category, source=source.name, detail=detail or "unchanged",
-                          sop_class_uid=meta[0x0002], transfer_syntax_uid=meta[0x0010], data=data))
+        cases.append(
+            Case(
+                number=number,
+                category=category,
+                source=source.name,
+                detail=detail or "unchanged",
+                sop_class_uid=meta[0x0002],
+                transfer_syntax_uid=meta[0x0010],
+                data=data,
+            )
+        )
     return cases
 
 
@@ -156,16 +166,19 @@ def _fresh_uids(ds: Dataset) -> None:
 
 
 def _absurd_geometry(rng: random.Random, ds: Dataset) -> str:
-    choice = rng.choice([
-        {"Rows": 65535, "Columns": 65535},
-        {"NumberOfFrames": 2**31 - 1},
-        {"NumberOfFrames": 2**31 - 1, "Rows": 65535},
-        {"Rows": 65535},
-        {"Columns": 40000, "SamplesPerPixel": 3},
-        {"SamplesPerPixel": 7},
-        {"BitsAllocated": 64, "BitsStored": 64, "HighBit": 63, "Rows": 60000},
-        {"NumberOfFrames": 100000},
-    ])
+    """Each claims more than 64 MiB a frame, or more frames than the pixel data can hold."""
+    choice = rng.choice(
+        [
+            {"Rows": 65535, "Columns": 65535},
+            {"NumberOfFrames": 2**31 - 1},
+            {"NumberOfFrames": 2**31 - 1, "Rows": 65535},
+            {"Rows": 65535, "Columns": 2000},
+            {"Columns": 40000, "Rows": 4000, "SamplesPerPixel": 3},
+            {"SamplesPerPixel": 7},
+            {"BitsAllocated": 64, "BitsStored": 64, "HighBit": 63, "Rows": 60000, "Columns": 60000},
+            {"NumberOfFrames": 100000},
+        ]
+    )
     for keyword, value in choice.items():
         setattr(ds, keyword, value)
     return ", ".join(f"{k}={v}" for k, v in choice.items())
@@ -185,8 +198,19 @@ _HOSTILE = [
 
 
 def _hostile_string(rng: random.Random, ds: Dataset) -> str:
-    keyword = rng.choice(["PatientName", "PatientID", "AccessionNumber", "StudyDescription", "StudyDate", "Modality",
-                          "SeriesNumber", "SpecificCharacterSet", "InstitutionName"])
+    keyword = rng.choice(
+        [
+            "PatientName",
+            "PatientID",
+            "AccessionNumber",
+            "StudyDescription",
+            "StudyDate",
+            "Modality",
+            "SeriesNumber",
+            "SpecificCharacterSet",
+            "InstitutionName",
+        ]
+    )
     value = rng.choice(_HOSTILE)
     if keyword == "SpecificCharacterSet":
         value = rng.choice(["ISO_fR 100", "ISO_IR 192", "GB18030", "\x00", "ISO 2022 IR 87\\ISO 2022 IR 13"])
@@ -235,21 +259,21 @@ def _syntax_mismatch(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     buffer = BytesIO()
     buffer.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue() + data[_meta_end(data):], f"meta says {target.name}, data set is {current.name}"
+    return buffer.getvalue() + data[_meta_end(data) :], f"meta says {target.name}, data set is {current.name}"
 
 
 def _meta_values(data: bytes) -> dict[int, str]:
     """The file meta's short text values by element number (the meta is never mutated in place)."""
     values: dict[int, str] = {}
     position = 132
-    while position + 8 <= len(data) and data[position:position + 2] == b"\x02\x00":
+    while position + 8 <= len(data) and data[position : position + 2] == b"\x02\x00":
         element = struct.unpack_from("<H", data, position + 2)[0]
-        if data[position + 4:position + 6] in (b"OB", b"UN"):
+        if data[position + 4 : position + 6] in (b"OB", b"UN"):
             length = struct.unpack_from("<L", data, position + 8)[0]
             position += 12 + length
             continue
         length = struct.unpack_from("<H", data, position + 6)[0]
-        values[element] = data[position + 8:position + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
+        values[element] = data[position + 8 : position + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
         position += 8 + length
     return values
 
@@ -283,7 +307,7 @@ def _elements(data: bytes) -> list[int]:
     position = _meta_end(data)
     end = _pixel_start(data)
     while position + 8 <= end:
-        vr = data[position + 4:position + 6]
+        vr = data[position + 4 : position + 6]
         if not (vr.isalpha() and vr.isupper()):
             break
         found.append(position)
@@ -298,7 +322,7 @@ def _elements(data: bytes) -> list[int]:
 def _absurd_length(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     offsets = _elements(data) or [_meta_end(data)]
     at = rng.choice(offsets)
-    vr = data[at + 4:at + 6]
+    vr = data[at + 4 : at + 6]
     buffer = bytearray(data)
     if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL", b"OV", b"SV", b"UV"):
         value = rng.choice([0xFFFFFFFF, 0xFFFFFFFE, 0x7FFFFFFF, len(data) * 4, 1])
@@ -345,8 +369,8 @@ def _wrong_vr(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     at = rng.choice(offsets)
     vr = rng.choice(_VRS)
     buffer = bytearray(data)
-    old = bytes(buffer[at + 4:at + 6])
-    buffer[at + 4:at + 6] = vr
+    old = bytes(buffer[at + 4 : at + 6])
+    buffer[at + 4 : at + 6] = vr
     return bytes(buffer), f"VR at {at} {old!r} -> {vr!r}"
 
 

@@ -33,7 +33,14 @@ REQUESTS: list[tuple[str, str, str, dict[str, object] | None, dict[str, str] | N
     ("injection filter", "GET", "/api/studies", {"patient_id": SQL}, VIEWER, {200, 422}),
     ("injection filter", "GET", "/api/studies", {"study_uid": SQL}, VIEWER, {422}),
     ("injection filter", "GET", "/api/studies", {"sort": "patient_id; DELETE FROM studies"}, VIEWER, {422}),
-    ("injection filter", "GET", "/api/studies", {"finding": "normal' UNION SELECT hash FROM audit_events--"}, VIEWER, {422}),
+    (
+        "injection filter",
+        "GET",
+        "/api/studies",
+        {"finding": "normal' UNION SELECT hash FROM audit_events--"},
+        VIEWER,
+        {422},
+    ),
     ("injection filter", "GET", "/api/deliveries", {"destination": SQL}, VIEWER, {200, 422}),
     ("injection filter", "GET", "/api/audit", {"actor": SQL}, AUDITOR, {200, 422}),
     ("injection filter", "GET", "/api/audit", {"order": "random()"}, AUDITOR, {422}),
@@ -75,12 +82,16 @@ def test_hostile_request_gets_a_client_error(client: httpx.Client, number: int) 
     assert "root:x:0:0" not in response.text and "[project]" not in response.text
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET /api/studies\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /api/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfd\r\n\r\n",
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
-    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-], ids=["bytes in path", "bytes in header", "TLS hello to plain HTTP", "70 kB request line"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /api/studies\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfd\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["bytes in path", "bytes in header", "TLS hello to plain HTTP", "70 kB request line"],
+)
 def test_raw_bytes_get_a_client_error_or_a_close(node: Node, raw: bytes) -> None:
     address = urlsplit(node.api_url)
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:

@@ -15,9 +15,8 @@ import sqlite3
 import struct
 import time
 from collections.abc import Callable
-from pathlib import Path
-
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +99,9 @@ def test_peers_holding_every_slot_do_not_lock_out_a_pacs(node: Node, opener: str
             sockets.append(sock)
         waited = _echo_within(node.port, ACSE_TIMEOUT + MARGIN)
         TALLY[("association", opener, "C-ECHO through" if waited is not None else "locked out")] += 1
-        assert waited is not None, f"{MAX_ASSOCIATIONS} peers sending {opener} locked out C-ECHO for {ACSE_TIMEOUT + MARGIN} s"
+        assert waited is not None, (
+            f"{MAX_ASSOCIATIONS} peers sending {opener} locked out C-ECHO for {ACSE_TIMEOUT + MARGIN} s"
+        )
         closed = [_closed_by_peer(sock, ACSE_TIMEOUT + MARGIN) for sock in sockets]
         TALLY[("association", opener, "sockets closed by the daemon")] += sum(closed)
         assert all(closed), f"{closed.count(False)} of {len(closed)} sockets still open after {ACSE_TIMEOUT + MARGIN} s"
@@ -164,7 +165,9 @@ def test_a_abort_in_the_middle_of_a_large_data_set_leaves_nothing(node: Node) ->
     TALLY[("association", "A-ABORT mid data set", f"aborted after {len(pdus) // 2} of {len(pdus)} PDUs")] += 1
     assert _echo_within(node.port, 10) is not None
     with sqlite3.connect(node.folder / "gastrolens.db") as conn:
-        rows = conn.execute("SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (str(ds.SOPInstanceUID),)).fetchone()[0]
+        rows = conn.execute(
+            "SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (str(ds.SOPInstanceUID),)
+        ).fetchone()[0]
     assert rows == 0
     assert [p for p in node.storage.rglob("*") if p.is_file() and str(ds.SOPInstanceUID) in p.name] == []
     leftovers = [p for p in node.storage.rglob("*.part")]

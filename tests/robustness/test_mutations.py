@@ -85,12 +85,16 @@ def _wait_drained(db: Path, deadline_s: float) -> Counter[str]:
 
 def _files_outside(folder: Path, storage: Path) -> set[Path]:
     """Files under ``folder`` but not under the storage root (the database files aside)."""
-    return {p for p in folder.rglob("*") if p.is_file() and storage not in p.parents
-            and not p.name.startswith("gastrolens.db")}
+    return {
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and storage not in p.parents and not p.name.startswith("gastrolens.db")
+    }
 
 
-def test_mutated_inputs_are_answered_stored_or_quarantined(node: Node, request: pytest.FixtureRequest,
-                                                          tmp_path: Path) -> None:
+def test_mutated_inputs_are_answered_stored_or_quarantined(
+    node: Node, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     count = int(request.config.getoption("--robustness-cases"))
     seed = int(request.config.getoption("--robustness-seed"))
     cases = generate(count, seed)
@@ -116,8 +120,12 @@ def test_mutated_inputs_are_answered_stored_or_quarantined(node: Node, request: 
     with sqlite3.connect(db) as conn:
         instances = conn.execute("SELECT sop_instance_uid, file_path, sha256, size_bytes FROM instances").fetchall()
         quarantined = conn.execute("SELECT id, file_path, sha256, status FROM quarantine").fetchall()
-        audited = [json.loads(d) for (d,) in conn.execute(
-            "SELECT detail FROM audit_events WHERE event_type = 'instance.quarantined'").fetchall()]
+        audited = [
+            json.loads(d)
+            for (d,) in conn.execute(
+                "SELECT detail FROM audit_events WHERE event_type = 'instance.quarantined'"
+            ).fetchall()
+        ]
     assert len(instances) == successes, f"{successes} successes, {len(instances)} instance rows"
     assert len({sop for sop, *_ in instances}) == len(instances), "an instance has two rows"
     for sop, file_path, sha256, size in instances:
@@ -128,6 +136,7 @@ def test_mutated_inputs_are_answered_stored_or_quarantined(node: Node, request: 
     assert len(quarantined) == refused, f"{refused} refusals, {len(quarantined)} quarantine rows"
     audited_paths = Counter(d.get("path") for d in audited)
     for _, file_path, sha256, status in quarantined:
+        assert status in REFUSED, f"quarantined {file_path} with status {status:#06x}"
         kept = node.storage / file_path
         assert kept.is_file() and hashlib.sha256(kept.read_bytes()).hexdigest() == sha256
         assert json.loads(kept.with_suffix(".json").read_text())["reason"]

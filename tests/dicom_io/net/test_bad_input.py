@@ -100,11 +100,12 @@ def patched(old: bytes, new: bytes):
 
     The Study Instance UID is 10 bytes long: read as FD (8 bytes a value) it cannot parse.
     """
+
     def make(tmp: Path) -> Path:
         data = encoded(sc_dataset(study_uid="1.2.3.4.5"))
         at = data.index(old, 132 + 200)
         path = tmp / "in.dcm"
-        path.write_bytes(data[:at] + new + data[at + len(old):])
+        path.write_bytes(data[:at] + new + data[at + len(old) :])
         return path
 
     return make
@@ -181,7 +182,11 @@ def truncated(tmp: Path) -> Path:
 
 CASES = {
     "Study Instance UID with VR FD": (patched(STUDY_UID_TAG + b"UI", STUDY_UID_TAG + b"FD"), 0xC000, "does not parse"),
-    "header byte flipped into an unknown VR": (patched(STUDY_UID_TAG + b"UI", STUDY_UID_TAG + b"U\x01"), 0xC000, "does not parse"),
+    "header byte flipped into an unknown VR": (
+        patched(STUDY_UID_TAG + b"UI", STUDY_UID_TAG + b"U\x01"),
+        0xC000,
+        "does not parse",
+    ),
     "65535 x 65535 native": (geometry(Rows=65535, Columns=65535), 0xA900, "image geometry"),
     "2**31-1 native frames": (geometry(NumberOfFrames=2**31 - 1), 0xA900, "image geometry"),
     "2**31-1 encapsulated frames": (encapsulated_frames(2**31 - 1), 0xA900, "image geometry"),

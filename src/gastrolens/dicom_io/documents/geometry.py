@@ -172,11 +172,15 @@ def _walk_items(data: bytes) -> tuple[list[int], int]:
         if tag == _SEQUENCE_DELIMITER:
             break
         if tag != _ITEM:
-            raise GeometryError(f"encapsulated Pixel Data has tag ({tag_group:04X},{tag_element:04X}) "
-                                f"at offset {position} where an item should be")
+            raise GeometryError(
+                f"encapsulated Pixel Data has tag ({tag_group:04X},{tag_element:04X}) "
+                f"at offset {position} where an item should be"
+            )
         if length == 0xFFFFFFFF or position + 8 + length > len(view):
-            raise GeometryError(f"encapsulated Pixel Data item at offset {position} claims {length} bytes, "
-                                f"only {len(view) - position - 8} follow")
+            raise GeometryError(
+                f"encapsulated Pixel Data item at offset {position} claims {length} bytes, "
+                f"only {len(view) - position - 8} follow"
+            )
         if offsets is None:
             if length % 4:
                 raise GeometryError("the Basic Offset Table's length is not a multiple of 4")

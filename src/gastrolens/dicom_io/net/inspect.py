@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
@@ -121,7 +121,9 @@ def inspect_instance(
         if not value:
             raise InvalidInstanceError(f"missing {keyword}", STATUS_DOES_NOT_MATCH_SOP_CLASS)
         if not is_valid_uid(str(value)):
-            raise InvalidInstanceError(f"{keyword} {str(value)[:80]!r} breaks the DICOM UID grammar", STATUS_DOES_NOT_MATCH_SOP_CLASS)
+            raise InvalidInstanceError(
+                f"{keyword} {str(value)[:80]!r} breaks the DICOM UID grammar", STATUS_DOES_NOT_MATCH_SOP_CLASS
+            )
     if not has_pixels:
         raise InvalidInstanceError("no Pixel Data", STATUS_DOES_NOT_MATCH_SOP_CLASS)
     if negotiated_sop_class and str(uids["SOPClassUID"]) != negotiated_sop_class:
@@ -194,7 +196,7 @@ def _split_file_meta(data: bytes) -> tuple[str, bytes]:
         group, element = struct.unpack_from("<HH", data, position)
         if group != 0x0002:
             break
-        vr = data[position + 4:position + 6]
+        vr = data[position + 4 : position + 6]
         if vr in _LONG_LENGTH_VRS:
             if position + 12 > len(data):
                 break
@@ -204,7 +206,7 @@ def _split_file_meta(data: bytes) -> tuple[str, bytes]:
             (length,) = struct.unpack_from("<H", data, position + 6)
             start = position + 8
         if element == 0x0010:
-            syntax = data[start:start + length]
+            syntax = data[start : start + length]
         position = start + length
     return syntax.rstrip(b"\0 ").decode("ascii", "replace"), data[position:]
 
@@ -229,7 +231,7 @@ def _count_elements(body: bytes, *, explicit: bool, little: bool, limit: int) ->
                 in_fragments = False
             position += 8 + (length if in_fragments and element == 0xE000 else 0)
             continue
-        vr = body[position + 4:position + 6]
+        vr = body[position + 4 : position + 6]
         if explicit and vr.isalpha() and vr.isupper():
             if vr in _LONG_LENGTH_VRS:
                 if position + 12 > end:

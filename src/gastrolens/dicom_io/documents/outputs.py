@@ -30,6 +30,7 @@ from gastrolens.dicom_io.documents.read import decode_rgb_frames, number_of_fram
 from gastrolens.dicom_io.documents.seg import SegmentInfo, build_segmentation
 from gastrolens.dicom_io.documents.sr import PredecessorRef, build_image_sr
 from gastrolens.dicom_io.documents.study_sr import build_study_sr
+from gastrolens.dicom_io.documents.study_sr_fast import FastStudyRefused, encode_study_sr
 from gastrolens.errors import DecodeError, OutputError
 from gastrolens.findings import ImageFinding, ModelIdentity, OutputKind
 from gastrolens.storage.atomic import write_atomic
@@ -234,6 +235,7 @@ def write_study_sr(
     predecessor: PredecessorRef | None = None,
     min_images: int = 1,
     fsync: bool = True,
+    builder: Builder = Builder.TEMPLATE,
 ) -> WrittenStudyReport:
     """Write revision ``revision`` of a study's conclusion SR.
 
@@ -259,7 +261,10 @@ def write_study_sr(
             )
         models.update(dict.fromkeys(f.model for f in findings))
         normalised = normalise_source(source)
-        header = normalised.header if normalised.quirks else source_header(source)
+        # highdicom copies patient and study attributes from the first source only; the
+        # others are read for UIDs, size and modality, so they need no copy (50 deep copies
+        # were a third of a study SR's cost).
+        header = normalised.header if normalised.quirks else source_header(source) if not headers else source
         headers.append((header, findings))
     if not models:
         raise OutputError("the study has no findings")
@@ -271,6 +276,24 @@ def write_study_sr(
         )
     except ValueError as exc:
         raise OutputError(f"study conclusion: {exc}") from exc
+    if builder is Builder.TEMPLATE:
+        try:
+            encoded = encode_study_sr(headers, list(models), conclusion, revision=revision, predecessor=predecessor)
+        except FastStudyRefused as exc:
+            logger.debug("study SR from highdicom: %s", exc)
+        else:
+            path = output_path(out_dir, OutputKind.STUDY_SR, encoded.sop_instance_uid)
+            try:
+                write_atomic(path, _writer(encoded.parts), fsync=fsync)
+            except OSError as exc:
+                raise OutputError(f"could not write {path}: {exc}") from exc
+            logger.info("wrote study SR revision %d for study %s: %s", revision, encoded.study_instance_uid,
+                        conclusion.conclusion.value)
+            return WrittenStudyReport(
+                output=WrittenOutput(kind=OutputKind.STUDY_SR, path=path, sop_instance_uid=encoded.sop_instance_uid,
+                                     series_instance_uid=encoded.series_instance_uid,
+                                     sop_class_uid=encoded.sop_class_uid),
+                conclusion=conclusion)
     sr = build_study_sr(headers, list(models), conclusion, revision=revision, predecessor=predecessor)
     (written,) = _write_all([(OutputKind.STUDY_SR, sr)], out_dir, fsync=fsync)
     logger.info(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import highdicom as hd
@@ -75,6 +76,37 @@ def build_study_sr(
     """The study-level SR. ``study`` pairs each source header with its per-frame findings,
     in the order whose flattened findings ``conclusion`` was computed from; ``models``
     lists every model behind those findings (first appearance first)."""
+    return build_study_skeleton(study, models, conclusion, revision=revision, predecessor=predecessor,
+                                skeleton=False).sr
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudySkeleton:
+    """What :func:`build_study_skeleton` built, and which images each part stands for.
+
+    With ``skeleton=True`` every class group references only its first image and the
+    image library and evidence only representatives (the first header, the first of
+    each SOP class, the first image of each group): :mod:`study_sr_fast` writes the
+    rest from ``images`` and ``group_sources``.
+    """
+
+    sr: hd.sr.ComprehensiveSR
+    headers: list[Dataset]
+    images: list[tuple[Dataset, int, ImageFinding]]
+    group_sources: list[list[int]]
+    """Per class group, in order: the indices into ``images`` of its source frames."""
+
+
+def build_study_skeleton(
+    study: Sequence[tuple[Dataset, Sequence[ImageFinding]]],
+    models: ModelIdentity | Sequence[ModelIdentity],
+    conclusion: StudyConclusion,
+    *,
+    revision: int = 1,
+    predecessor: PredecessorRef | None = None,
+    skeleton: bool,
+) -> StudySkeleton:
+    """The study SR with highdicom, whole or as a skeleton (see :class:`StudySkeleton`)."""
     models = [models] if isinstance(models, ModelIdentity) else list(dict.fromkeys(models))
     if not models:
         raise OutputError("a study SR needs at least one model")
@@ -96,6 +128,7 @@ def build_study_sr(
     sha = observer.weights_sha256
     site = hd.sr.FindingSite(anatomic_location=codes.STOMACH)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    group_sources: list[list[int]] = []
     for evidence in conclusion.reported:
         for model in models:
             indices = [i for i in evidence.image_indices if images[i][2].model == model]
@@ -105,6 +138,8 @@ def build_study_sr(
                     else max(images[i][2].probability(evidence.lesion_class) for i in indices))
             parts = [evidence.lesion_class.value] + ([model.weights_sha256] if len(models) > 1 else [])
             tracking = derived_uid("study-class", study_uid, sha, *parts)
+            group_sources.append(indices)
+            shown = indices[:1] if skeleton else indices
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
@@ -114,7 +149,7 @@ def build_study_sr(
                     finding_sites=[site],
                     algorithm_id=_algorithm(model),
                     measurements=[_probability(best)],
-                    source_images=[_measured_in(images[i][0], images[i][1]) for i in indices],
+                    source_images=[_measured_in(images[i][0], images[i][1]) for i in shown],
                 )
             )
     groups.append(
@@ -130,6 +165,14 @@ def build_study_sr(
         )
     )
     evidence_headers = [header for header, _ in study]
+    library = evidence_headers
+    if skeleton:
+        firsts: dict[str, Dataset] = {}
+        for header in evidence_headers:
+            firsts.setdefault(header.SOPClassUID, header)
+        library = list(firsts.values())
+        shown_headers = [evidence_headers[0], *library, *(images[i[0]][0] for i in group_sources)]
+        evidence_headers = list({id(h): h for h in shown_headers}.values())
     previous = None
     if predecessor is not None:
         pre = Dataset()
@@ -142,7 +185,7 @@ def build_study_sr(
     try:
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence_headers,
-            content=_report(observer, groups, evidence_headers),
+            content=_report(observer, groups, library),
             series_instance_uid=study_sr_series_uid(study_uid, sha),
             series_number=STUDY_SR_SERIES_NUMBER,
             sop_instance_uid=study_sr_instance_uid(study_uid, sha, revision),
@@ -156,4 +199,5 @@ def build_study_sr(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"study {study_uid}: highdicom refused the study SR: {exc}") from exc
-    return _finish(sr)
+    return StudySkeleton(sr=_finish(sr), headers=[header for header, _ in study], images=images,
+                         group_sources=group_sources)

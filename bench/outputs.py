@@ -1,7 +1,7 @@
 """How long building the outputs of one image takes, per kind and per path, on one core.
 
     .venv/bin/python bench/outputs.py [--count 200] [--rows 480 --cols 640] [--frames 1]
-        [--sop-class vl|sc] [--no-lesion] [--fsync]
+        [--sop-class vl|sc] [--no-lesion] [--fsync] [--study-images 50] [--study-count 5]
 
 Builds a synthetic 640x480 VL Endoscopic source with a lesion (tests/dicom_io/documents/
 synthetic.py), its frames already decoded as the daemon passes them, and calls
@@ -13,6 +13,11 @@ spends) and wall ms, and images/s per core = 1000 / CPU ms for all three togethe
 is off unless ``--fsync``. Every image gets new UIDs and values, so the template path
 compiles its templates once (not timed: two warm-up images, as a structure is compiled
 on its second sighting) and then only fills them.
+
+Then the study SR (``write_study_sr``, what study completion writes): a study of
+``--study-images`` headers (pixel data left out, as completion reads them) with a lesion
+class in some images, written ``--study-count`` times per path; reported as CPU ms per
+study SR and per image of the study.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests" / "dicom_io" / "documents"))
 from synthetic import MULTIFRAME_TRUE_COLOR_SC, SECONDARY_CAPTURE, VL_ENDOSCOPIC, scenario  # noqa: E402
 
 from gastrolens.config.schema import OutputSettings  # noqa: E402
-from gastrolens.dicom_io.documents.outputs import Builder, write_outputs  # noqa: E402
+from gastrolens.dicom_io.documents.outputs import Builder, write_outputs, write_study_sr  # noqa: E402
 from gastrolens.dicom_io.documents.read import decode_rgb_frames  # noqa: E402
 from gastrolens.findings import LesionClass  # noqa: E402
 
@@ -54,6 +59,25 @@ def _measure(images, settings: OutputSettings, builder: Builder, out: Path, fsyn
     return 1000 * cpu / len(images), 1000 * wall / len(images)
 
 
+def _study(images: int) -> list:
+    study_uid = "1.2.826.0.1.3680043.8.498.1717"
+    lesions = (LesionClass.PU, None, None, LesionClass.EGC_HGIN, None)
+    study = []
+    for i in range(images):
+        source, findings = scenario(VL_ENDOSCOPIC, lesion=lesions[i % len(lesions)], study_uid=study_uid)
+        del source.PixelData
+        study.append((source, findings))
+    return study
+
+
+def _measure_study(study: list, builder: Builder, count: int, out: Path, fsync: bool) -> tuple[float, float]:
+    write_study_sr(study, out, fsync=fsync, builder=builder)  # warm-up (imports, descriptor cache)
+    start_wall, start_cpu = time.perf_counter(), time.thread_time()
+    for revision in range(1, count + 1):
+        write_study_sr(study, out, fsync=fsync, builder=builder, revision=revision)
+    return 1000 * (time.thread_time() - start_cpu) / count, 1000 * (time.perf_counter() - start_wall) / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200, help="images per measurement (template path)")
@@ -64,6 +88,8 @@ def main() -> None:
     parser.add_argument("--sop-class", choices=("vl", "sc"), default="vl")
     parser.add_argument("--no-lesion", action="store_true")
     parser.add_argument("--fsync", action="store_true")
+    parser.add_argument("--study-images", type=int, default=50, help="images in the study of the study SR")
+    parser.add_argument("--study-count", type=int, default=5, help="study SRs per path (0: skip)")
     args = parser.parse_args()
 
     sop_class = {"vl": VL_ENDOSCOPIC, "sc": SECONDARY_CAPTURE}[args.sop_class]
@@ -92,6 +118,14 @@ def main() -> None:
                 previous = totals
             print(f"{builder.value:<10} {'all':<8} {totals[0]:13.2f} {totals[1]:14.2f}   "
                   f"-> {1000 / totals[0]:.0f} images/s per core")
+        if args.study_count > 0:
+            study = _study(args.study_images)
+            print(f"study SR of {args.study_images} images: {'path':<10} {'CPU ms/study':>13} {'wall ms/study':>14} "
+                  f"{'CPU ms/image':>13}")
+            for builder in (Builder.TEMPLATE, Builder.HIGHDICOM):
+                cpu, wall = _measure_study(study, builder, args.study_count, Path(folder) / "study" / builder.value,
+                                           args.fsync)
+                print(f"{'':<26}{builder.value:<10} {cpu:13.1f} {wall:14.1f} {cpu / args.study_images:13.2f}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ _EVIDENCE = 0x0040A375
 _VALUE_TYPE = 0x0040A040
 _LIBRARY_CODE = "111028"
 _MEASUREMENTS_CODE = "126010"
-_PLAIN_MODALITY = frozenset({"CT", "MR", "PT", "CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+_RICHER_MODALITIES = frozenset({"CT", "MR", "PT", "CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _DESCRIPTOR_CACHE_SIZE = 256
 _descriptors: dict[tuple[str, int, int, str], bytes] = {}
 
@@ -85,7 +85,7 @@ def encode_study_sr(
 ) -> EncodedStudySR:
     """The file that :func:`study_sr.build_study_sr` would give for the same inputs (times apart)."""
     for header, _ in study:
-        if "FrameOfReferenceUID" in header or header.get("Modality") in _PLAIN_MODALITY:
+        if "FrameOfReferenceUID" in header or header.get("Modality") in _RICHER_MODALITIES:
             raise FastStudyRefused(f"source {header.SOPInstanceUID}: richer image library entry")
     plan = build_study_skeleton(study, models, conclusion, revision=revision, predecessor=predecessor, skeleton=True)
     sr = plan.sr

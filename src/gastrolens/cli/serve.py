@@ -17,5 +17,4 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # before the heavy imports (torch): a bad config fails in well under a second
     from gastrolens.daemon.service import Service
 
-    Service(settings).run()
-    return 0
+    return Service(settings).run()

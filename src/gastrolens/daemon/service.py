@@ -1,7 +1,9 @@
 """The running service: store, database, DICOM receiver, model engine and scheduled jobs.
 
 ``Service.run()`` blocks until SIGTERM or SIGINT, then refuses new associations,
-lets in-flight stores finish, finishes the running batch and returns.
+lets in-flight stores finish, finishes the running batch and returns its exit status:
+0, or :data:`EXIT_DEVICE_LOST` when the inference device failed for good (a CUDA
+context cannot be recovered inside the process; the service manager starts a fresh one).
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from gastrolens.daemon.scheduler import RETENTION_INTERVAL_SECONDS, Scheduler
 from gastrolens.db import Database, audit
 from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.dicom_io.net.receiver import Receiver
+from gastrolens.errors import DeviceError
 from gastrolens.models import Engine
 from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
 
 INFERENCE, COMPLETION, DELIVERY, RETENTION = "inference", "study-completion", "delivery", "retention"
+
+EXIT_DEVICE_LOST = 75
+"""EX_TEMPFAIL: the inference device failed; systemd's Restart=on-failure starts a fresh process."""
 
 
 def service_actor() -> str:
@@ -70,6 +76,8 @@ class Service:
         self._stored_since_batch = 0
         self._stored_lock = threading.Lock()
         self._stop = threading.Event()
+        self.exit_status = 0
+        self._stop_reason: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -96,7 +104,7 @@ class Service:
             )
         self.inference = InferenceStep(self.settings, self.db, self.store, self.engine, self.worker)
         interval = self.settings.scheduler.interval_seconds
-        self.scheduler.add(INFERENCE, self._drain_queue, interval)
+        self.scheduler.add(INFERENCE, self.drain_queue, interval)
         self.scheduler.add(
             COMPLETION, StudyCompletion(self.settings, self.db, self.store, self.worker).run_once, interval
         )
@@ -142,15 +150,23 @@ class Service:
         if self.engine is not None:
             self.engine.close()
         with self.db.session() as session:
-            audit.record(session, audit.Event(type=AuditEventType.SERVICE_STOPPED, actor=self.worker))
+            audit.record(
+                session,
+                audit.Event(
+                    type=AuditEventType.SERVICE_STOPPED,
+                    actor=self.worker,
+                    outcome=Outcome.FAILURE if self.exit_status else Outcome.SUCCESS,
+                    detail={"exit_status": self.exit_status, **({"reason": self._stop_reason} if self._stop_reason else {})},
+                ),
+            )
         self.db.dispose()
         log.info("GastroLens stopped")
 
     def request_stop(self, *_args: object) -> None:
         self._stop.set()
 
-    def run(self) -> None:
-        """Start, wait for SIGTERM/SIGINT, stop."""
+    def run(self) -> int:
+        """Start, wait for SIGTERM/SIGINT (or a lost device), stop; the exit status."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
@@ -164,15 +180,27 @@ class Service:
         self._stop.wait()
         log.info("stop requested: refusing new associations, finishing in-flight stores and the running batch")
         self.stop()
+        return self.exit_status
 
     # -- jobs ----------------------------------------------------------------------------
 
-    def _drain_queue(self) -> None:
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def drain_queue(self) -> None:
         """Run batches until the queue is empty (or a stop is requested)."""
         assert self.inference is not None
         with self._stored_lock:
             self._stored_since_batch = 0
-        self.inference.drain(self._stop.is_set)
+        try:
+            self.inference.drain(self._stop.is_set)
+        except DeviceError as exc:  # every claim was handed back; only a fresh process gets a working device
+            log.critical("the inference device failed (%s); stopping with exit status %d for a restart",
+                         exc, EXIT_DEVICE_LOST)
+            self.exit_status = EXIT_DEVICE_LOST
+            self._stop_reason = f"inference device failed: {exc}"
+            self._stop.set()
 
     def _count_stored(self) -> None:
         with self._stored_lock:

@@ -156,7 +156,10 @@ class Service:
                     type=AuditEventType.SERVICE_STOPPED,
                     actor=self.worker,
                     outcome=Outcome.FAILURE if self.exit_status else Outcome.SUCCESS,
-                    detail={"exit_status": self.exit_status, **({"reason": self._stop_reason} if self._stop_reason else {})},
+                    detail={
+                        "exit_status": self.exit_status,
+                        **({"reason": self._stop_reason} if self._stop_reason else {}),
+                    },
                 ),
             )
         self.db.dispose()

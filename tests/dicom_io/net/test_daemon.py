@@ -61,25 +61,31 @@ def test_api_is_served_when_enabled(tmp_path, sqlite_url, tiny_model):
 
 
 def test_sigterm_finishes_in_flight_stores_and_exits_zero(daemon, tmp_path):
+    burst = 200  # far more than is stored when the first one lands: the stop below comes mid-burst
     folder = tmp_path / "burst"
     folder.mkdir()
-    for i in range(60):
-        frame, _ = endoscopy_frame(120, 160, LesionClass.AGC, seed=i)
+    frame, _ = endoscopy_frame(120, 160, LesionClass.AGC, seed=1)
+    for i in range(burst):
         as_dicom(frame, jpeg_quality=85, instance_number=i + 1).save_as(folder / f"{i}.dcm", enforce_file_format=True)
+    storage = tmp_path / "storage" / "instances"
     sender = subprocess.Popen(["/usr/bin/storescu", "-xy", "-aec", "GASTROLENS", "127.0.0.1", str(daemon.port),
                                "+sd", str(folder)], env={"TCP_NODELAY": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while not any(storage.rglob("*.dcm")):  # the burst is in flight once its first instance is stored
+        assert sender.poll() is None and time.monotonic() < deadline, "the burst never started storing"
+        time.sleep(0.02)
+    stored_at_stop = len(list(storage.rglob("*.dcm")))
+    assert sender.poll() is None and stored_at_stop < burst, "the burst was no longer in flight"
     assert daemon.stop(signal.SIGTERM) == 0
     sender.wait(timeout=60)
     # Whatever the peer was told succeeded is stored, recorded and audited; nothing half-written.
-    storage = tmp_path / "storage" / "instances"
     files = list(storage.rglob("*.dcm"))
     assert not list(storage.rglob("*.part"))
     status = json.loads(subprocess.run([*GASTROLENS, "status", "--json", "--config", str(daemon.config)],
                                        capture_output=True, text=True, check=True).stdout)
     assert sum(status["instances"].values()) == len(files)
-    assert len(files) > 0
+    assert len(files) >= stored_at_stop > 0
     # After the stop, nobody listens.
     assert dcmtk("echoscu", "-aec", "GASTROLENS", "127.0.0.1", str(daemon.port)).returncode != 0
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-from gastrolens import __version__
+from gastrolens import __version__, logsetup
 from gastrolens.errors import GastroLensError
 
 COMMANDS = {
@@ -48,14 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    logging.basicConfig(
-        level=(args.log_level or "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # job runs and skipped ticks are noise
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module is noise
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logsetup.configure((args.log_level or "INFO").upper())
     try:
         return int(args.func(args) or 0)
     except GastroLensError as exc:

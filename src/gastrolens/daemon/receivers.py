@@ -42,7 +42,7 @@ from multiprocessing.context import SpawnProcess
 from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
 from typing import Any
 
-from gastrolens import metrics
+from gastrolens import logsetup, metrics
 from gastrolens.config.schema import DicomSettings
 
 log = logging.getLogger(__name__)
@@ -269,11 +269,7 @@ def _serve(
 ) -> None:
     """A receiver process: its own AE, server, database engine and ingest, until SIGTERM."""
     _become_receiver_process()
-    logging.basicConfig(
-        level=log_level,
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s [{PROCESS_NAME}-{index}] %(name)s: %(message)s",
-    )
+    logsetup.configure(log_level, tag=f"{PROCESS_NAME}-{index}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -1,7 +1,7 @@
 """The ``gastrolens`` command.
 
 Each command group lives in its own module with a ``register(subparsers)`` function;
-only this module configures logging.
+only this module configures logging (through `gastrolens.logsetup`, shared with receiver processes).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class StudyCompletion:
         if not rows:
             return 0
         study_pairs, models = self._study_pairs(rows, study)
-        written = write_study_sr(study_pairs, self.store.absolute(f"outputs/{study_uid}"), self.settings.outputs,
+        written = write_study_sr(study_pairs, self.store.output_folder(study_uid), self.settings.outputs,
                                  revision=revision, predecessor=predecessor, fsync=self.settings.storage.fsync)
         conclusion = written.conclusion
         report = StudyReport(

@@ -1,15 +1,16 @@
 """The inference step: claim a batch across studies, decode, infer, write outputs, record.
 
 One call of :meth:`InferenceStep.run_once` handles one batch; :meth:`InferenceStep.drain`
-(what the scheduler runs) writes batch n while batch n+1 is inferred. Decoding runs in
-a thread pool, SEG/SR/overlay objects are built in worker processes
-(`gastrolens.daemon.workers`); one bad instance fails alone with its reason and the
-rest of the batch goes on. Decoding runs in worker processes sized to the cores
-(`gastrolens.daemon.decoding`); in :meth:`InferenceStep.drain` the next batch is claimed
-and decoding while the engine works on the current one. A device that failed for good
-(:class:`~gastrolens.errors.DeviceError`) stops the step from claiming anything more.
-Results, outputs, deliveries and the ``done`` state of an instance commit in one transaction, and only while this worker still holds the instance's claim, so an
-instance gets exactly one set of results even when a lease expired under a slow worker.
+(what the scheduler runs) overlaps the stages: while the engine works on batch n, batch
+n+1 is claimed and decoded in worker processes sized to the cores
+(`gastrolens.daemon.decoding`) and the SEG/SR/overlay objects of batch n-1 are built in
+other worker processes (`gastrolens.daemon.workers`). One bad instance fails alone with
+its reason and the rest of the batch goes on. A device that failed for good
+(:class:`~gastrolens.errors.DeviceError`) hands its claims back and stops the step.
+Results, outputs, deliveries and the ``done`` state of an instance commit in one
+transaction (`db.transitions.finish_instance`), and only while this worker still holds
+the instance's claim, so an instance gets exactly one set of results even when a lease
+expired under a slow worker.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -41,10 +42,10 @@ from gastrolens.db.queue import ClaimedInstance, claim_instances
 from gastrolens.db.tables import utcnow
 from gastrolens.db.transitions import NewOutput, fail_instance, finish_instance, release_instances
 from gastrolens.dicom_io.documents.outputs import WrittenOutputs, write_outputs
-from gastrolens.storage.store import Store
 from gastrolens.errors import DatabaseError, DeviceError, GastroLensError
 from gastrolens.findings import ImageFinding
 from gastrolens.models import Engine, validate_image
+from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class InferenceStep:
         raise exc
 
     def _output_dir(self, claim: ClaimedInstance) -> Path:
-        return self.store.absolute(str(PurePosixPath("outputs", claim.study_instance_uid)))
+        return self.store.output_folder(claim.study_instance_uid)
 
     def _new_builders(self) -> ProcessPoolExecutor | None:
         return output_workers(self._processes) if self._processes > 0 else None
@@ -301,7 +302,8 @@ class InferenceStep:
         except BrokenProcessPool:
             # A worker died (killed, out of memory): not this image's fault. Build it here
             # and start fresh workers for the next batch.
-            log.error("an output worker process died; building outputs of %s in the daemon", item.claim.sop_instance_uid)
+            log.error("an output worker process died; building outputs of %s in the daemon",
+                      item.claim.sop_instance_uid)
             self._replace_builders()
             args, options = self._output_args(item)
             return write_outputs(*args, **options)

@@ -27,14 +27,14 @@ from gastrolens.config import Settings
 from gastrolens.db import Database, audit
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
 from gastrolens.db.tables import Delivery, Instance, Output, utcnow
-from gastrolens.storage.store import Store
+from gastrolens.storage.store import INSTANCES, OUTPUTS, Store
 
 log = logging.getLogger(__name__)
 
 CHUNK = 500
 """Rows retired per transaction: the write lock is held for one chunk, not for the whole pass."""
 
-SWEPT_FOLDERS = ("instances", "outputs")
+SWEPT_FOLDERS = (INSTANCES, OUTPUTS)
 """Folders under the storage root whose files belong to instance and output rows (quarantine does not).
 Hidden folders below them (the receiver's ``instances/.incoming`` staging area) are the store's own and
 are left alone."""

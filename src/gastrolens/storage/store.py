@@ -21,7 +21,9 @@ from pydicom.uid import UID
 from gastrolens.errors import StorageError
 from gastrolens.storage.atomic import fsync_dir, write_bytes_atomic
 
-INCOMING = "instances/.incoming"
+INSTANCES, OUTPUTS, QUARANTINE = "instances", "outputs", "quarantine"
+"""The three areas under the root: received files, what GastroLens wrote, rejected bytes."""
+INCOMING = f"{INSTANCES}/.incoming"
 """Received bytes are written (and fsync'd) here first, then renamed into place."""
 STALE_INCOMING_SECONDS = 3600
 
@@ -33,7 +35,7 @@ class Store:
         self.root = Path(root)
         self.fsync = fsync
         self.min_free_bytes = min_free_mb * 1024 * 1024
-        for folder in ("instances", "outputs", "quarantine", INCOMING):
+        for folder in (INSTANCES, OUTPUTS, QUARANTINE, INCOMING):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._resolved_root = self.root.resolve()
         self._incoming = self.root / INCOMING
@@ -55,7 +57,12 @@ class Store:
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> str:
         _require_uids(study_uid, series_uid, sop_uid)
         name = f"{sop_uid}.dcm" if version == 1 else f"{sop_uid}.v{version}.dcm"
-        return str(PurePosixPath("instances", study_uid, series_uid, name))
+        return str(PurePosixPath(INSTANCES, study_uid, series_uid, name))
+
+    def output_folder(self, study_uid: str) -> Path:
+        """Where a study's outputs are written (the file names are the writers': documents.outputs)."""
+        _require_uids(study_uid)
+        return self.absolute(str(PurePosixPath(OUTPUTS, study_uid)))
 
     def write(self, relative: str, data: bytes) -> Path:
         try:
@@ -118,7 +125,7 @@ class Store:
         """Keep rejected bytes with a JSON note beside them; return the relative path."""
         now = datetime.now(timezone.utc)
         name = f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:12]}"
-        relative = str(PurePosixPath("quarantine", f"{now:%Y%m%d}", f"{name}.dcm"))
+        relative = str(PurePosixPath(QUARANTINE, f"{now:%Y%m%d}", f"{name}.dcm"))
         self.write(relative, data)
         note = {"reason": reason, "received_at": now.isoformat(), **context}
         self.write(relative[: -len(".dcm")] + ".json", json.dumps(note, indent=2, default=str).encode())

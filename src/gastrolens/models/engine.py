@@ -197,8 +197,8 @@ class Engine:
         use_deterministic_kernels()
         self.amp_dtype = amp_dtype(amp, self._device)
         memory_format = torch.channels_last if self._cuda else torch.contiguous_format
-        self._classifier = package.classifier.to(self._device, memory_format=memory_format).eval()
-        self._segmenter = package.segmenter.to(self._device, memory_format=memory_format).eval()
+        self._classifier = package.classifier.to(self._device, memory_format=memory_format).eval()  # type: ignore[call-overload]
+        self._segmenter = package.segmenter.to(self._device, memory_format=memory_format).eval()  # type: ignore[call-overload]
         if self.amp_dtype is not None:
             check_served_precision(
                 self._classifier, self._segmenter, classifier_size=self._classifier_preset.size,

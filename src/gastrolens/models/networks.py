@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,6 +87,7 @@ def output_stride_of(segmenter: DeepLabV3) -> int:
 def _configure_layer(layer: nn.Sequential, *, dilation: int, previous: int) -> None:
     """Set one ResNet stage to the stock stride 2 (``dilation == 1``) or to stride 1 dilated."""
     stride = 2 if dilation == 1 else 1
+    block: Any  # a torchvision BasicBlock/Bottleneck; torchvision ships no types
     for index, block in enumerate(layer):
         first = dilation if index else (1 if dilation == 1 else previous)
         _set_conv(block.conv1, stride=stride if index == 0 else 1, dilation=first)

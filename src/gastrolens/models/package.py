@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import safetensors.torch
 import torch
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
-CARD_FORMAT = "gastrolens-model-card"
+CARD_FORMAT: Final = "gastrolens-model-card"
 CARD_FORMAT_VERSION = 1
 UNTRAINED_NAME = "gastrolens-untrained"
 _NETWORKS = ("classifier", "segmenter")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape, dtype=bool)
     try:
         with Image.open(path) as img:
-            array = np.asarray(img)
+            array: Any = np.asarray(img)  # 2-D or 3-D until reduced to a mask below
     except (UnidentifiedImageError, OSError) as exc:
         raise DatasetError(f"{path}: cannot read mask ({exc})") from exc
     if array.ndim == 3:

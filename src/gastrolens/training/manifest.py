@@ -168,7 +168,7 @@ def _parse_row(
     record: dict[str, str | None], line: int, base: Path, problems: _Problems, check_files: bool
 ) -> ManifestRow | None:
     if None in record:  # more cells than header columns
-        problems.add(line, f"{len(record) - 1 + len(record[None] or [])} cells but the header has {len(record) - 1}")
+        problems.add(line, f"{len(record) - 1 + len(record[None] or [])} cells but the header has {len(record) - 1}")  # type: ignore[index]
         return None
     values = {key: (value or "").strip() for key, value in record.items()}
     ok = True

@@ -15,6 +15,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 Z_95 = 1.959963984540054
 """Two-sided 95% quantile of the standard normal distribution."""
@@ -217,7 +218,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+def roc_auc(scores: ArrayLike, positive: ArrayLike) -> float | None:
     """Area under the ROC curve (Mann-Whitney U / (n_pos * n_neg)); ties count one half.
 
     None when there are no positives or no negatives.
@@ -235,7 +236,7 @@ def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return u / (n_pos * n_neg)
 
 
-def roc_curve(scores: Sequence[float], positive: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+def roc_curve(scores: ArrayLike, positive: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(positive, dtype=bool)

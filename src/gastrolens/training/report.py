@@ -266,7 +266,7 @@ def _plots(evaluation: Evaluation, folder: Path) -> list[str]:
 
     seg = evaluation.segmentation()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
-    ax.hist(seg.per_image, bins=np.linspace(0, 1, 21), color="tab:red", edgecolor="white")
+    ax.hist(seg.per_image, bins=np.linspace(0, 1, 21), color="tab:red", edgecolor="white")  # type: ignore[arg-type]
     if seg.mean_iou is not None:
         ax.axvline(seg.mean_iou, color="black", linestyle="--", label=f"mean {100 * seg.mean_iou:.1f}%")
     ax.axvline(STUDY_IOU, color="grey", linestyle=":", label=f"study {100 * STUDY_IOU:.1f}%")

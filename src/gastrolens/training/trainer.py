@@ -114,7 +114,7 @@ def train(
     seed_everything(recipe.seed)
     model, initialisation = _build(recipe)
     cuda = torch_device.type == "cuda"
-    model.to(torch_device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    model.to(torch_device, memory_format=torch.channels_last if cuda else torch.contiguous_format)  # type: ignore[call-overload]
     optimizer = _optimizer(recipe, model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_factor(recipe))
     amp_dtype = None
@@ -139,7 +139,7 @@ def train(
     logger.info(
         "training %s on %s: %d training / %d validation images, input %d px, batch %d, %d epochs, "
         "%s lr %g, device %s%s",
-        recipe.task, manifest.path, len(train_set), len(val_set), size, recipe.batch_size, recipe.epochs,
+        recipe.task, manifest.path, len(train_set), len(val_set), size, recipe.batch_size, recipe.epochs,  # type: ignore[arg-type]
         recipe.optimizer, recipe.learning_rate, torch_device, f", amp {amp_dtype}" if amp_dtype else "",
     )
     loss_fn = _classifier_loss if recipe.task == "classifier" else _segmenter_loss
@@ -166,7 +166,7 @@ def train(
             "train_loss": total_loss / max(seen, 1),
             "train_images_per_second": seen / train_seconds if train_seconds else None,
         }
-        if len(val_set):
+        if len(val_set):  # type: ignore[arg-type]
             record.update(validate(recipe, model, _loader(val_set, recipe, epoch, workers, cuda, shuffle=False),
                                    torch_device, amp_dtype))
         record["seconds"] = time.perf_counter() - started
@@ -177,7 +177,7 @@ def train(
             model=model, optimizer=optimizer, schedule=schedule, scaler=scaler,
         )
 
-    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    model.to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     training_record = {
         "recipe": recipe.to_dict(),
         "data": {
@@ -199,7 +199,7 @@ def train(
         base, recipe.task, model, recipe,
         initialisation=initialisation,
         training=training_record,
-        metrics={"validation": final, "validation_images": len(val_set)},
+        metrics={"validation": final, "validation_images": len(val_set)},  # type: ignore[arg-type]
         name=name, version=version,
     )
     packaging.write(package, out)

@@ -14,7 +14,7 @@ target_metadata = Base.metadata
 def run() -> None:
     engine = config.attributes.get("engine")
     if engine is None:  # the plain `alembic` command line, used to autogenerate revisions
-        engine = create_engine(config.get_main_option("sqlalchemy.url"))
+        engine = create_engine(config.get_main_option("sqlalchemy.url"))  # type: ignore[arg-type]
     with engine.connect() as connection:
         context.configure(
             connection=connection,

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU outside the engine: {budget:.1f} ms per image - target <= {CPU_MS_TARGET:.0f}: "
               f"{'met' if budget <= CPU_MS_TARGET else 'NOT met'}; implies {args.cores} x 1000 / {budget:.1f} = "
               f"{args.cores * 1000 / budget:.0f} images/s on a {args.cores}-core host")
-        print(f"study's reference: {ref_count:,} images in {ref_seconds:.0f} s = {ref_count / ref_seconds:.0f} images/s "
+        print(f"study's reference: {ref_count:,} images in {ref_seconds:.0f} s = "
+              f"{ref_count / ref_seconds:.0f} images/s "
               f"(GPU, classifier only)")
     finally:
         if args.keep:
@@ -189,7 +190,8 @@ def run_daemon(folder: Path, files: Path, args: argparse.Namespace) -> tuple[flo
     received = folder / "storescp"
     received.mkdir()
     scp_port, api_port = free_port(), free_port()
-    scp = subprocess.Popen(["/usr/bin/storescp", "+xa", "-dhl", "-aet", "STORESCP", "-od", str(received), str(scp_port)],
+    scp = subprocess.Popen(["/usr/bin/storescp", "+xa", "-dhl", "-aet", "STORESCP", "-od", str(received),
+                            str(scp_port)],
                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
                            stderr=open(folder / "storescp.log", "w"))  # noqa: SIM115
     db_url = f"sqlite:///{folder / 'gastrolens.db'}"

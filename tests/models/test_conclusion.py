@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 
-from gastrolens.config.schema import OutputSettings
-from gastrolens.models.conclusion import DEFAULT_PRIORITY, aggregate_study, parse_priority
-from gastrolens.findings import LesionClass
-
 from dicom_io.documents.synthetic import make_finding
+from gastrolens.config.schema import OutputSettings
+from gastrolens.findings import LesionClass
+from gastrolens.models.conclusion import DEFAULT_PRIORITY, aggregate_study, parse_priority
 
 N, PU, EGC, AGC, SMT = (LesionClass.NORMAL, LesionClass.PU, LesionClass.EGC_HGIN, LesionClass.AGC, LesionClass.SMT)
 
@@ -48,7 +47,8 @@ def test_max_probability_is_kept_per_class():
     assert aggregate_study([a, b]).reported[0].max_probability == pytest.approx(0.95)
 
 
-@pytest.mark.parametrize("priority", [["pu"], ["pu", "pu", "agc", "smt", "normal"], ["x", "pu", "agc", "smt", "normal"]])
+@pytest.mark.parametrize("priority", [["pu"], ["pu", "pu", "agc", "smt", "normal"],
+                                      ["x", "pu", "agc", "smt", "normal"]])
 def test_bad_priority_is_refused(priority):
     with pytest.raises(ValueError):
         aggregate_study(findings(PU), priority)

@@ -116,7 +116,8 @@ def test_tampered_weights_are_refused(copy_of: Path) -> None:
         load_package(copy_of)
 
 
-@pytest.mark.parametrize(("missing", "message"), [(WEIGHTS_FILE, "missing weights.safetensors"), (CARD_FILE, "missing model.json")])
+@pytest.mark.parametrize(("missing", "message"),
+                         [(WEIGHTS_FILE, "missing weights.safetensors"), (CARD_FILE, "missing model.json")])
 def test_missing_files_are_named(copy_of: Path, missing: str, message: str) -> None:
     (copy_of / missing).unlink()
     with pytest.raises(ModelPackageError, match=message):

@@ -94,7 +94,8 @@ def test_validate_image_rejects_bad_input(image: object, message: str) -> None:
     ],
 )
 def test_detect_fov_finds_the_field_of_view(
-    make_frame: Callable[..., tuple[np.ndarray, np.ndarray]], rows: int, cols: int, fov: tuple[int, int, int, int], octagon: bool
+    make_frame: Callable[..., tuple[np.ndarray, np.ndarray]], rows: int, cols: int, fov: tuple[int, int, int, int],
+    octagon: bool,
 ) -> None:
     image, inside = make_frame(rows, cols, fov, octagon=octagon)
     true = _bbox(inside)
@@ -115,7 +116,9 @@ def test_detect_fov_falls_back_to_the_full_frame() -> None:
     assert detect_fov(only_text) == CropBox(0, 0, 100, 120)
 
 
-def test_mask_back_mapping_into_full_frame_coordinates(make_frame: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
+def test_mask_back_mapping_into_full_frame_coordinates(
+    make_frame: Callable[..., tuple[np.ndarray, np.ndarray]],
+) -> None:
     image, _ = make_frame(200, 300, (20, 110, 180, 270))
     box = detect_fov(image)
     # A lesion square in full-frame coordinates, drawn as the network would see it.

@@ -42,7 +42,7 @@ def _square(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("build", [classifier_augmentation, segmenter_augmentation])
-def test_geometry_moves_image_and_mask_together(build) -> None:  # noqa: ANN001
+def test_geometry_moves_image_and_mask_together(build) -> None:
     size = 64
     rgb, mask = _square(size)
     transform = PairTransform(size, CARD.model_copy(update={"fov_crop": False}), build(size, GEOMETRY_ONLY))
@@ -67,7 +67,8 @@ def test_colour_jitter_leaves_the_mask_alone() -> None:
         affine_degrees=0, affine_translate=0, affine_scale=(1, 1), affine_shear=0, elastic_probability=0,
         hflip_probability=0, crop_scale=(1, 1), brightness=0.5, contrast=0.5, saturation=0.5, hue=0.1,
     )
-    transform = PairTransform(size, CARD.model_copy(update={"fov_crop": False}), classifier_augmentation(size, colour_only))
+    transform = PairTransform(size, CARD.model_copy(update={"fov_crop": False}),
+                              classifier_augmentation(size, colour_only))
     torch.manual_seed(1)
     plain, _ = PairTransform(size, CARD.model_copy(update={"fov_crop": False}))(rgb, mask)
     image, target = transform(rgb, mask)

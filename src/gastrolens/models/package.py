@@ -265,7 +265,8 @@ def read_card(path: str | Path) -> ModelCard:
         raise ModelPackageError(f"{card_path}: not a GastroLens model card (format is not {CARD_FORMAT!r})")
     if raw.get("format_version") != CARD_FORMAT_VERSION:
         raise ModelPackageError(
-            f"{card_path}: card format_version {raw.get('format_version')!r}; this GastroLens reads {CARD_FORMAT_VERSION}"
+            f"{card_path}: card format_version {raw.get('format_version')!r}; "
+            f"this GastroLens reads {CARD_FORMAT_VERSION}"
         )
     try:
         card = ModelCard.model_validate(raw)
@@ -340,7 +341,7 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     """Refuse weights holding NaN or infinity: they would make every output meaningless."""
     for key, value in state.items():
         # A sum is finite only if every element is (fast); confirm exactly before refusing.
-        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):  # noqa: SIM102 - the exact check only after the cheap one
             if not bool(torch.isfinite(value).all()):
                 raise ModelPackageError(f"{what}: tensor {key} holds NaN or infinite values")
 

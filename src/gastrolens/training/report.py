@@ -45,7 +45,8 @@ STUDY_TEST_IMAGES = 1091
 STUDY_TEST_SECONDS = 42.0
 """All 1,091 test images in 42 s (about 26 images/s; hardware not given)."""
 
-_LABELS = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV"}
+_LABELS = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
+           "ppv": "PPV", "npv": "NPV"}
 
 
 def build_report(evaluation: Evaluation, *, compare_paper: bool = False) -> dict[str, Any]:
@@ -170,7 +171,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     tag = " (UNTRAINED classifier)" if cls["untrained"] else ""
     lines += [f"Overall 5-class accuracy per image{tag}: {_fmt(cls['overall_accuracy'])}", ""]
-    for level, title in (("per_image", "per image"), ("per_lesion", "per lesion (recognised when any of its images is)")):
+    levels = (("per_image", "per image"), ("per_lesion", "per lesion (recognised when any of its images is)"))
+    for level, title in levels:
         with_auc = level == "per_image"
         lines += [f"## Classification, {title}{tag}", "",
                   "| class | " + " | ".join(_LABELS[n] for n in STAT_NAMES) + (" | ROC AUC |" if with_auc else " |"),
@@ -184,14 +186,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     matrix = cls["confusion_matrix"]
     lines += [f"## Confusion matrix (rows: truth, columns: predicted; images){tag}", "",
-              "| truth \\ predicted | " + " | ".join(matrix["classes"]) + " |", "|---" * (len(matrix["classes"]) + 1) + "|"]
+              "| truth \\ predicted | " + " | ".join(matrix["classes"]) + " |",
+              "|---" * (len(matrix["classes"]) + 1) + "|"]
     for name, row in zip(matrix["classes"], matrix["matrix"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     seg_tag = " (UNTRAINED segmenter)" if seg["untrained"] else ""
     s, d = seg["segmenter"], seg["delivered"]
     lines += ["", f"## Segmentation IoU{seg_tag}", "",
               "| mask | images with a lesion | mean IoU | pooled IoU | false-positive masks |", "|---|---|---|---|---|",
-              f"| segmenter | {s['images_with_lesion']} of {s['images']} | {_pct(s['mean_iou'])} | {_pct(s['pooled_iou'])} "
+              f"| segmenter | {s['images_with_lesion']} of {s['images']} | {_pct(s['mean_iou'])} | "
+              f"{_pct(s['pooled_iou'])} "
               f"| {s['false_positive_masks']} |",
               f"| delivered (cleared on frames called normal) | {d['images_with_lesion']} of {d['images']} | "
               f"{_pct(d['mean_iou'])} | {_pct(d['pooled_iou'])} | {d['false_positive_masks']} |",

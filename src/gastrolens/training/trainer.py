@@ -246,7 +246,8 @@ def _training_split(recipe: Recipe, manifest: Manifest) -> Split:
             raise DatasetError(f"{manifest.path}: no row has a mask; the segmenter needs outlined lesions")
     split = split_by_patient(rows, recipe.val_fraction, recipe.seed)
     if len(split.train) < 2:
-        raise DatasetError(f"{manifest.path}: {len(split.train)} training image(s) for the {recipe.task}; need 2 or more")
+        raise DatasetError(
+            f"{manifest.path}: {len(split.train)} training image(s) for the {recipe.task}; need 2 or more")
     if recipe.task == "classifier":
         present = {row.label for row in split.train}
         missing = [c.value for c in CLASS_ORDER if c not in present]
@@ -302,7 +303,9 @@ def _one_torch_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(dataset: Dataset[Any], recipe: Recipe, epoch: int, workers: int, cuda: bool, *, shuffle: bool) -> DataLoader:
+def _loader(
+    dataset: Dataset[Any], recipe: Recipe, epoch: int, workers: int, cuda: bool, *, shuffle: bool
+) -> DataLoader:
     size = len(dataset)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(_epoch_seed(recipe.seed, epoch) + (0 if shuffle else 1))
     return DataLoader(

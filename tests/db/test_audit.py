@@ -24,7 +24,8 @@ def db(db_url):
 def add_events(db: Database, n: int) -> None:
     for i in range(n):
         with db.session() as s:
-            audit.record(s, audit.Event(type=AuditEventType.SERVICE_STARTED, actor="dicom:ENDO@127.0.0.1", outcome=Outcome.SUCCESS,
+            audit.record(s, audit.Event(type=AuditEventType.SERVICE_STARTED, actor="dicom:ENDO@127.0.0.1",
+                                        outcome=Outcome.SUCCESS,
                                         detail={"i": i, "patient": "张黎明"}))
 
 

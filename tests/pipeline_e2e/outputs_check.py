@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.dicom_io.documents import codes
-from gastrolens.models.conclusion import aggregate_study
 from gastrolens.findings import LesionClass
+from gastrolens.models.conclusion import aggregate_study
 from pipeline_e2e.peers import DatabaseView, SyntheticStudy
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -100,7 +100,8 @@ def check_outputs(blobs: Iterable[bytes], study: SyntheticStudy, view: DatabaseV
     assert recorded["sr"] == recorded["overlay"] == len(study.sop_uids)
     assert recorded["study_sr"] == len(received.study_srs)
 
-    sources = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in zip(study.sop_uids, study.files)}
+    sources = {uid: pydicom.dcmread(path, stop_before_pixels=True)
+               for uid, path in zip(study.sop_uids, study.files, strict=True)}
     for uid, seg in received.segs.items():
         frames = {ref.ReferencedSOPInstanceUID for item in seg.PerFrameFunctionalGroupsSequence
                   for derivation in item.DerivationImageSequence for ref in derivation.SourceImageSequence}
@@ -140,7 +141,7 @@ def check_outputs(blobs: Iterable[bytes], study: SyntheticStudy, view: DatabaseV
                 if g.tracking_identifier != "study conclusion"]
     assert reported == list(expected.reported_classes)
     assert isinstance(expected.conclusion, LesionClass)
-    for earlier, later in zip(received.study_srs, received.study_srs[1:]):
+    for earlier, later in zip(received.study_srs, received.study_srs[1:], strict=False):  # consecutive pairs
         predecessor = later.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         assert predecessor.ReferencedSOPInstanceUID == earlier.SOPInstanceUID
     return received

@@ -26,9 +26,8 @@ from gastrolens.daemon.completion import finding_from_result
 from gastrolens.db import Database
 from gastrolens.db.audit import verify_chain
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState
-from gastrolens.findings import OutputKind
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Study
-from gastrolens.findings import ImageFinding, LesionClass
+from gastrolens.findings import ImageFinding, LesionClass, OutputKind
 from gastrolens.samples import SECONDARY_CAPTURE, VL_ENDOSCOPIC, as_dicom, endoscopy_frame
 from support import basic_config, dcmtk, free_port
 

@@ -45,7 +45,8 @@ def utcnow() -> datetime:
 
 def _enum(cls: type) -> Enum:
     # Store the value ("received"), not the member name, as a plain string column.
-    return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e], validate_strings=True)
+    return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e],
+                validate_strings=True)
 
 
 class Base(DeclarativeBase):

@@ -48,7 +48,8 @@ def test_api_is_served_when_enabled(tmp_path, sqlite_url, tiny_model):
 
     port = free_port()
     config = write_config(tmp_path / "gastrolens.toml",
-                          basic_config(tmp_path, sqlite_url, extra=f"[api]\nenabled = true\nport = {port}\n" + model_section(tiny_model)))
+                          basic_config(tmp_path, sqlite_url,
+                                       extra=f"[api]\nenabled = true\nport = {port}\n" + model_section(tiny_model)))
     daemon = start_daemon(config)
     try:
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
@@ -108,9 +109,11 @@ def test_audit_verify_names_the_first_broken_row(tmp_path, sample_files, tiny_mo
 
 def test_config_show_and_db_upgrade(tmp_path, sqlite_url):
     config = write_config(tmp_path / "gastrolens.toml", basic_config(tmp_path, sqlite_url))
-    shown = subprocess.run([*GASTROLENS, "config", "show", "--config", str(config)], capture_output=True, text=True, check=True)
+    shown = subprocess.run([*GASTROLENS, "config", "show", "--config", str(config)],
+                           capture_output=True, text=True, check=True)
     assert json.loads(shown.stdout)["database"]["url"] == sqlite_url
-    upgraded = subprocess.run([*GASTROLENS, "db", "upgrade", "--config", str(config)], capture_output=True, text=True, check=True)
+    upgraded = subprocess.run([*GASTROLENS, "db", "upgrade", "--config", str(config)],
+                              capture_output=True, text=True, check=True)
     assert "latest schema" in upgraded.stdout
 
 

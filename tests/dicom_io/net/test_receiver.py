@@ -14,10 +14,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from gastrolens.findings import LesionClass
-from gastrolens.samples import SECONDARY_CAPTURE, as_dicom, endoscopy_frame
 from gastrolens.db.states import AuditEventType, InstanceState
 from gastrolens.db.tables import AuditEvent, Instance, Series, Study
+from gastrolens.findings import LesionClass
+from gastrolens.samples import SECONDARY_CAPTURE, as_dicom, endoscopy_frame
 from support import dcmtk, storescu
 
 
@@ -53,7 +53,8 @@ def test_store_is_durable_and_byte_exact(receiver, sample_files):
             assert row.calling_ae == "ENDO_WS1" and row.peer_address == "127.0.0.1"
             assert row.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
             assert row.size_bytes == stored.stat().st_size
-            source = sample_files["vl_jpeg"] if row.transfer_syntax_uid == "1.2.840.10008.1.2.4.50" else sample_files["sc_rgb"]
+            jpeg = row.transfer_syntax_uid == "1.2.840.10008.1.2.4.50"
+            source = sample_files["vl_jpeg"] if jpeg else sample_files["sc_rgb"]
             assert dataset_bytes(stored) == dataset_bytes(source), "the data set must be kept exactly as received"
     received = events(receiver.db, AuditEventType.INSTANCE_RECEIVED)
     assert {e.sop_uid for e in received} == {r.sop_instance_uid for r in rows}

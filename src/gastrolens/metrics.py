@@ -63,7 +63,8 @@ class Stage(str, enum.Enum):
 
 STAGE_CPU_SECONDS = Counter(
     "gastrolens_stage_cpu_seconds",
-    "CPU seconds (thread CPU time) this process spent per stage; worker processes' time is added when their result arrives.",
+    "CPU seconds (thread CPU time) this process spent per stage; "
+    "worker processes' time is added when their result arrives.",
     ["stage"],
     registry=REGISTRY,
 )

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from gastrolens.findings import LesionClass
 
@@ -35,7 +35,8 @@ def fov_octagon(rows: int, cols: int, margin: float = 0.06, corner: float = 0.22
     x0, y0 = cols * margin * 2.2, rows * margin
     x1, y1 = cols - cols * margin * 0.6, rows - rows * margin
     cx, cy = (x1 - x0) * corner, (y1 - y0) * corner
-    return [(x0 + cx, y0), (x1 - cx, y0), (x1, y0 + cy), (x1, y1 - cy), (x1 - cx, y1), (x0 + cx, y1), (x0, y1 - cy), (x0, y0 + cy)]
+    return [(x0 + cx, y0), (x1 - cx, y0), (x1, y0 + cy), (x1, y1 - cy),
+            (x1 - cx, y1), (x0 + cx, y1), (x0, y1 - cy), (x0, y0 + cy)]
 
 
 def endoscopy_frame(

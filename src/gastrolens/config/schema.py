@@ -65,7 +65,7 @@ class TLSSettings(_Section):
         return value
 
     @model_validator(mode="after")
-    def _loadable(self) -> "TLSSettings":
+    def _loadable(self) -> TLSSettings:
         """A readable file that is no PEM certificate (or a key of another one) fails here, not at bind."""
         if not self.enabled or self.cert is None or self.key is None:
             return self

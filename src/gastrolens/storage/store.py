@@ -16,8 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydicom.uid import UID
-
+from gastrolens.dicom_uid import is_dicom_uid
 from gastrolens.errors import StorageError
 from gastrolens.storage.atomic import fsync_dir, write_bytes_atomic
 
@@ -134,5 +133,5 @@ class Store:
 
 def _require_uids(*uids: str) -> None:
     for uid in uids:
-        if not UID(uid).is_valid:
+        if not is_dicom_uid(uid):
             raise StorageError(f"{uid[:80]!r} is not a valid UID; refusing to build a path from it")

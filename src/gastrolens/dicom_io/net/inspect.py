@@ -29,9 +29,9 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID
 
 from gastrolens.dicom_io.documents.geometry import GeometryError, GeometryLimits, check_geometry
+from gastrolens.dicom_uid import is_dicom_uid
 from gastrolens.errors import InvalidInstanceError
 
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -94,11 +94,6 @@ class InstanceHeader:
     series_number: int | None
 
 
-def is_valid_uid(value: object) -> bool:
-    """The DICOM UID grammar (PS3.5 9.1): digits and dots, no leading zeros, at most 64 chars."""
-    return isinstance(value, str) and UID(value).is_valid
-
-
 def inspect_instance(
     data: bytes, negotiated_sop_class: str | None = None, *, limits: GeometryLimits = GeometryLimits()
 ) -> InstanceHeader:
@@ -120,7 +115,7 @@ def inspect_instance(
     for keyword, value in uids.items():
         if not value:
             raise InvalidInstanceError(f"missing {keyword}", STATUS_DOES_NOT_MATCH_SOP_CLASS)
-        if not is_valid_uid(str(value)):
+        if not is_dicom_uid(str(value)):
             raise InvalidInstanceError(
                 f"{keyword} {str(value)[:80]!r} breaks the DICOM UID grammar", STATUS_DOES_NOT_MATCH_SOP_CLASS
             )

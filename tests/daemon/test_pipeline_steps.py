@@ -235,11 +235,11 @@ def test_a_dead_output_worker_costs_no_image(make_stage, tiny_engine, study_uid)
 
     stage = make_stage(scheduler={"study_quiet_seconds": 0, "lease_seconds": 60, "output_processes": 1,
                                   "decode_processes": 0})  # the only child process is the output worker
-    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    before = set(multiprocessing.active_children())
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")  # starts its worker
     try:
-        before = set(multiprocessing.active_children())
         stage.receive(study_uid, seed=1)
-        assert step.run_once().done == 1  # the worker process is up
+        assert step.run_once().done == 1
         workers = [p for p in multiprocessing.active_children() if p not in before]
         assert len(workers) == 1
         os.kill(workers[0].pid, signal.SIGKILL)

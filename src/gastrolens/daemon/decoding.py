@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import ctypes
 import io
-import multiprocessing
 import os
 import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import JPEGBaseline8Bit
 
+from gastrolens.daemon.pools import WorkerPool
 from gastrolens.dicom_io.documents.read import decode_rgb_frames, read_dataset
 from gastrolens.errors import GastroLensError
 
@@ -85,15 +84,13 @@ _cpu_mark = time.process_time()
 """This worker process's CPU time when it last finished an instance (or started)."""
 
 
-def decode_workers(processes: int) -> ProcessPoolExecutor:
+def decode_workers(processes: int) -> WorkerPool:
     """Spawned decode workers, started at once with their decoders imported.
 
     Starting them here (not on the first batch) keeps the start-up off the first
     images' latency and out of their CPU account.
     """
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
-    pool.submit(int)  # a spawn pool starts all its processes on the first submission
-    return pool
+    return WorkerPool(processes, _start_worker, name="decode")
 
 
 def decode_instance_in_worker(path: Path) -> Decoded:

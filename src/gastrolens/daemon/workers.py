@@ -13,17 +13,16 @@ unpickling the source and frames included, for ``metrics.add_stage_cpu(Stage.OUT
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
+from gastrolens.daemon.pools import WorkerPool
 from gastrolens.dicom_io.documents.outputs import WrittenOutputs, write_outputs
 from gastrolens.findings import ImageFinding
 
@@ -33,10 +32,8 @@ _cpu_mark = time.process_time()
 """Process CPU time when the worker last finished an image (or started)."""
 
 
-def output_workers(processes: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the daemon holds torch's thread pools, which do not survive a fork
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_leave_signals_to_the_daemon)
+def output_workers(processes: int) -> WorkerPool:
+    return WorkerPool(processes, _leave_signals_to_the_daemon, name="output")
 
 
 def write_outputs_in_worker(

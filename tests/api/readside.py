@@ -275,7 +275,9 @@ def fill(db: Database, storage: Path) -> Filled:
         classes=[None, None],
         states=[InstanceState.RECEIVED, InstanceState.FAILED],
         untrained=True,
-        received_at=base + timedelta(minutes=40),
+        # today in UTC even just after midnight: the API matches a study without a date by its arrival day
+        received_at=max(base + timedelta(minutes=40),
+                        datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)),
     )
     with db.session() as session:  # the untrained flag lives on results; give the queued study one
         failed = session.query(Instance).filter_by(sop_instance_uid=queued_imgs[1]).one()

@@ -106,6 +106,9 @@ class DicomSettings(_Section):
     receiver_processes: int | None = Field(None, ge=1, le=64)
     """Processes serving the DICOM port; unset: one per CPU, at most 8."""
     tls: TLSSettings = TLSSettings()
+    peers: tuple[KnownPeer, ...] = ()
+    """``[[dicom.peers]]``: the application entities known by address (storage commitment
+    reports, C-MOVE destinations); AE titles unique."""
 
     @field_validator("ae_title")
     @classmethod
@@ -126,6 +129,19 @@ class DicomSettings(_Section):
             except ValueError as exc:
                 raise ValueError(f"{peer!r} is not an IP address or CIDR network") from exc
         return value
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, value: tuple[KnownPeer, ...]) -> tuple[KnownPeer, ...]:
+        titles = [p.ae_title.strip() for p in value]
+        if len(titles) != len(set(titles)):
+            raise ValueError("dicom.peers AE titles must be unique")
+        return value
+
+    def peer(self, ae_title: str) -> KnownPeer | None:
+        """The configured peer with this AE title (trailing spaces ignored), or None."""
+        wanted = ae_title.strip()
+        return next((p for p in self.peers if p.ae_title.strip() == wanted), None)
 
     @field_validator("accepted_sop_classes")
     @classmethod
@@ -216,6 +232,29 @@ class DestinationTLS(_Section):
 
 
 DestinationName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class KnownPeer(_Section):
+    """``[[dicom.peers]]``: a DICOM AE that GastroLens knows by address.
+
+    Storage commitment reports that cannot go back on the requesting association are
+    sent here, and only these AEs may ask for storage commitment (when
+    ``storage_commitment``) or be named as C-MOVE destinations (when ``move_destination``).
+    """
+
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: DestinationTLS = DestinationTLS()
+    storage_commitment: bool = True
+    """May ask for storage commitment (N-ACTION); its reports go to host:port."""
+    move_destination: bool = True
+    """May be named as a C-MOVE destination."""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
 
 
 class DicomPeer(_Section):

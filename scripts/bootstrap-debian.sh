@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian tools GastroLens's tests talk to, when any is missing:
-# DCMTK (storescu, echoscu, storescp, dsrdump), dicom3tools (dciodvfy), Orthanc (a real PACS),
+# DCMTK (storescu, echoscu, storescp, dsrdump), dicom3tools (dciodvfy), Orthanc (a real PACS)
+# with its DICOMweb plugin (STOW-RS destinations),
 # and Chromium with its driver (dashboard tests).
 set -euo pipefail
 need=()
 [ -x /usr/bin/storescu ] || need+=(dcmtk)
 [ -x /usr/bin/dciodvfy ] || need+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 [ -x /usr/bin/openssl ] || need+=(openssl)

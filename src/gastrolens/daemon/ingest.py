@@ -30,7 +30,12 @@ from gastrolens.db import Database, audit
 from gastrolens.db.instances import plan_version, record_duplicate, record_instance
 from gastrolens.db.states import AuditEventType, Outcome
 from gastrolens.db.tables import Quarantined
-from gastrolens.dicom_io.net.inspect import STATUS_CANNOT_UNDERSTAND, InstanceHeader, inspect_instance
+from gastrolens.dicom_io.net.inspect import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DOES_NOT_MATCH_SOP_CLASS,
+    InstanceHeader,
+    inspect_instance,
+)
 from gastrolens.dicom_io.net.received import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -94,6 +99,10 @@ class DatabaseIngest:
                 header = inspect_instance(received.data, negotiated_sop_class=received.negotiated_sop_class)
             except InvalidInstanceError as exc:
                 return self._quarantine(received.data, facts, exc.reason, exc.status)
+            expected = received.expected_study_uid
+            if expected is not None and header.study_uid != expected:
+                reason = f"Study Instance UID {header.study_uid} is not the study {expected} the request addressed"
+                return self._quarantine(received.data, facts, reason, STATUS_DOES_NOT_MATCH_SOP_CLASS, header)
             try:
                 return self._persist(received, header, staging)
             except InvalidInstanceError as exc:  # contradicts what is stored (e.g. a series under another study)
@@ -138,7 +147,7 @@ class DatabaseIngest:
                 if plan.is_duplicate:
                     record_duplicate(session, header, plan, received.actor)
                     log.info("duplicate %s from %s: nothing stored", header.sop_uid, received.actor)
-                    return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.DUPLICATE)
+                    return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.DUPLICATE, **_uids(header))
                 relative = self.store.instance_path(header.study_uid, header.series_uid, header.sop_uid, plan.version)
                 # The rest of the data fsync, the rename and the folder fsync overlap the inserts.
                 placing = self._writer.submit(_counted, _place_when_staged, self.store, staging, relative)
@@ -161,7 +170,7 @@ class DatabaseIngest:
         log.debug("stored %s (%d bytes) from %s", header.sop_uid, header.size_bytes, received.actor)
         if self.on_stored is not None:
             self.on_stored()
-        return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.STORED)
+        return IngestOutcome(status=STATUS_SUCCESS, result=IngestResult.STORED, **_uids(header))
 
     def _quarantine(
         self, data: bytes, facts: RequestFacts, reason: str, status: int, header: InstanceHeader | None = None
@@ -203,8 +212,10 @@ class DatabaseIngest:
                 )
         except GastroLensError as err:
             log.error("could not record quarantined instance %s: %s", sop_uid, err)
-            return IngestOutcome(status=STATUS_OUT_OF_RESOURCES, result=IngestResult.REFUSED, reason=str(err))
-        return IngestOutcome(status=status, result=IngestResult.QUARANTINED, reason=reason)
+            return IngestOutcome(
+                status=STATUS_OUT_OF_RESOURCES, result=IngestResult.REFUSED, reason=str(err), **_uids(header)
+            )
+        return IngestOutcome(status=status, result=IngestResult.QUARANTINED, reason=reason, **_uids(header))
 
     def _refuse(
         self, facts: RequestFacts, header: InstanceHeader | None, reason: str, status: int = STATUS_OUT_OF_RESOURCES
@@ -220,7 +231,7 @@ class DatabaseIngest:
                 detail={"reason": reason, "status": f"0x{status:04X}"},
             )
         )
-        return IngestOutcome(status=status, result=IngestResult.REFUSED, reason=reason)
+        return IngestOutcome(status=status, result=IngestResult.REFUSED, reason=reason, **_uids(header))
 
     def _audit_safely(self, event: audit.Event) -> None:
         try:
@@ -247,6 +258,13 @@ def _discard_if_unplaced(store: Store, staging: Future[Path]) -> None:
     except Exception:  # the staging write failed: nothing to remove
         return
     store.discard(staged)
+
+
+def _uids(header: InstanceHeader | None) -> dict[str, str]:
+    """The outcome's naming of the data set, when its header was read."""
+    if header is None:
+        return {}
+    return {"sop_class_uid": header.sop_class_uid, "sop_instance_uid": header.sop_uid}
 
 
 def _facts(received: ReceivedInstance) -> RequestFacts:

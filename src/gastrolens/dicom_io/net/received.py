@@ -32,7 +32,7 @@ class IngestResult(str, enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ReceivedInstance:
-    """One C-STORE data set as received, with who sent it."""
+    """One data set as received (a C-STORE, or one part of a STOW-RS request), with who sent it."""
 
     data: bytes
     """The Part 10 bytes: preamble, file meta and the data set exactly as received."""
@@ -43,6 +43,9 @@ class ReceivedInstance:
     negotiated_sop_class: str | None
     requested_sop_uid: str | None
     """The Affected SOP Instance UID of the C-STORE request (the data set may disagree)."""
+    expected_study_uid: str | None = None
+    """The study the sender addressed (STOW-RS ``/studies/{study}``): a data set of another
+    study is quarantined with 0xA900. None: any study (C-STORE)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +55,9 @@ class IngestOutcome:
     status: int
     result: IngestResult
     reason: str | None = None
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    """The data set's UIDs when its header could be read (a STOW-RS response lists them)."""
 
 
 class PeerEventKind(str, enum.Enum):

@@ -18,7 +18,10 @@ negotiated in the receiver process. What holds across processes:
   counted in shared memory and refused (A-ASSOCIATE-RJ, transient, local limit
   exceeded) beyond it; connections that never negotiate are bounded by
   ``acse_timeout_seconds`` in each process;
-- the processes die with the daemon (PR_SET_PDEATHSIG) and drain on SIGTERM.
+- the processes die with the daemon (PR_SET_PDEATHSIG) and drain on SIGTERM;
+- a process that dies on its own (a crash, the OOM killer) is started again, after
+  :data:`RESTART_DELAY_SECONDS`; its slots in the node-wide association count are freed,
+  so a crash cannot leak the node's capacity.
 
 The daemon hears of each stored instance (to wake inference on a full batch) and of
 the receivers' CPU time (metrics, stage ``receive``) through one pipe per process.
@@ -39,7 +42,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
-from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
+from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
 from gastrolens import logsetup, metrics
@@ -52,6 +55,7 @@ PR_SET_PDEATHSIG = 1
 PROCESS_NAME = "gl-receiver"
 MAX_PROCESSES = 8
 READY, STORED, CPU, FAILED = "ready", "stored", "cpu", "failed"
+RESTART_DELAY_SECONDS = 1.0
 
 
 def process_count(settings: DicomSettings) -> int:
@@ -79,12 +83,15 @@ class ReceiverPool:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         context = multiprocessing.get_context("spawn")
-        self._associations: Synchronized[int] = context.Value("i", 0)
+        self._associations: SynchronizedArray[int] = context.Array("i", count)
+        """Negotiated associations, one slot per process (see :class:`NodeCount`)."""
         self._write_lock = context.Lock()
         """SQLite: one writer at a time across the processes, woken promptly (see daemon.ingest)."""
         self._finished: SynchronizedArray[int] = context.Array("q", count)
         """Connections each process has finished with (it counts; the daemon only reads)."""
         self._handed = [0] * count
+        self.restarts = 0
+        """Receiver processes started again after dying on their own."""
 
     @property
     def port(self) -> int:
@@ -104,36 +111,11 @@ class ReceiverPool:
 
     def start(self, timeout: float = 120.0) -> None:
         dicom: DicomSettings = self.settings.dicom
-        context = multiprocessing.get_context("spawn")
-        # Only what a receiver needs (secrets such as API tokens stay in the daemon).
-        payload = {
-            section: getattr(self.settings, section).model_dump(mode="json")
-            for section in ("dicom", "storage", "database")
-        }
         for index in range(self.count):
-            parent_end, child_end = context.Pipe(duplex=False)
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            process = context.Process(
-                target=_serve,
-                name=f"{PROCESS_NAME}-{index}",
-                daemon=True,
-                args=(
-                    payload,
-                    index,
-                    child_end,
-                    theirs,
-                    self._associations,
-                    self._finished,
-                    self._write_lock,
-                    self.log_level,
-                ),
-            )
-            process.start()
-            child_end.close()
-            theirs.close()
+            process, pipe, channel = self._spawn(index)
             self._processes.append(process)
-            self._pipes.append(parent_end)
-            self._channels.append(ours)
+            self._pipes.append(pipe)
+            self._channels.append(channel)
         deadline = time.monotonic() + timeout
         for index, pipe in enumerate(self._pipes):
             if not pipe.poll(max(0.0, deadline - time.monotonic())):
@@ -159,6 +141,56 @@ class ReceiverPool:
         for thread in self._threads:
             thread.start()
         log.info("%d receiver processes serving %s:%d", self.count, dicom.bind, self._port)
+
+    def _spawn(self, index: int) -> tuple[SpawnProcess, Connection, socket.socket]:
+        """Start receiver process ``index``: returns it, its report pipe and its hand-over channel."""
+        context = multiprocessing.get_context("spawn")
+        # Only what a receiver needs (secrets such as API tokens stay in the daemon).
+        payload = {
+            section: getattr(self.settings, section).model_dump(mode="json")
+            for section in ("dicom", "storage", "database")
+        }
+        parent_end, child_end = context.Pipe(duplex=False)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = context.Process(
+            target=_serve,
+            name=f"{PROCESS_NAME}-{index}",
+            daemon=True,
+            args=(
+                payload,
+                index,
+                child_end,
+                theirs,
+                self._associations,
+                self._finished,
+                self._write_lock,
+                self.log_level,
+            ),
+        )
+        process.start()
+        child_end.close()
+        theirs.close()
+        return process, parent_end, ours
+
+    def _restart(self, index: int) -> Connection | None:
+        """Start process ``index`` again after it died on its own; returns its new pipe."""
+        dead = self._processes[index]
+        dead.join(5)
+        with self._associations.get_lock():
+            self._associations[index] = 0  # what it held died with it
+        self._handed[index] = self._finished[index]  # its connections are gone too
+        log.error(
+            "receiver process %d (pid %s) ended unexpectedly with exit code %s: starting it again in %.0f s",
+            index, dead.pid, dead.exitcode, RESTART_DELAY_SECONDS,
+        )
+        if self._stopping.wait(RESTART_DELAY_SECONDS):
+            return None
+        process, pipe, channel = self._spawn(index)
+        old_channel = self._channels[index]
+        self._processes[index], self._pipes[index], self._channels[index] = process, pipe, channel
+        old_channel.close()
+        self.restarts += 1
+        return pipe
 
     def stop(self, drain_seconds: float = 30.0) -> list[int | None]:
         """Stop accepting, then SIGTERM each process (it drains its associations) and wait for it.
@@ -223,19 +255,21 @@ class ReceiverPool:
         log.error("no receiver process took the connection from %s", address[0])
 
     def _read(self) -> None:
-        """Relay what the processes report: stored instances and their CPU time."""
-        pipes = list(self._pipes)
+        """Relay what the processes report (stored instances, CPU time); restart any that dies."""
+        pipes = {pipe: index for index, pipe in enumerate(self._pipes)}
         while pipes:
-            for ready in wait(pipes, timeout=0.5):
+            for ready in wait(list(pipes), timeout=0.5):
                 pipe = ready if isinstance(ready, Connection) else None
                 if pipe is None:
                     continue
                 try:
                     kind, value = pipe.recv()
                 except (EOFError, OSError):
-                    pipes.remove(pipe)
+                    index = pipes.pop(pipe)
                     if not self._stopping.is_set():
-                        log.error("a receiver process ended unexpectedly")
+                        restarted = self._restart(index)
+                        if restarted is not None:
+                            pipes[restarted] = index
                     continue
                 if kind == STORED and self.on_stored is not None:
                     for _ in range(int(value)):
@@ -262,7 +296,7 @@ def _serve(
     index: int,
     pipe: Connection,
     channel: socket.socket,
-    associations: Synchronized[int],
+    associations: SynchronizedArray[int],
     finished: SynchronizedArray[int],
     write_lock: Any,
     log_level: int,
@@ -302,7 +336,11 @@ def _serve(
             write_lock=write_lock if db.engine.dialect.name == "sqlite" else None,
         )
         receiver = Receiver(
-            dicom, ingest, handoff=True, node_associations=associations, on_connection_end=connection_ended
+            dicom,
+            ingest,
+            handoff=True,
+            node_associations=NodeCount(associations, index),
+            on_connection_end=connection_ended,
         )
         receiver.start()
         threading.Thread(
@@ -330,6 +368,29 @@ def _serve(
     pipe.send((CPU, time.process_time() - cpu))
     db.dispose()
     pipe.close()
+
+
+class NodeCount:
+    """The node's negotiated associations, as one counter, kept in one slot per process.
+
+    The receiver reads and changes ``value`` under ``get_lock()``: it sees the sum over all
+    processes and changes only its own slot, so the daemon can free a dead process's slot.
+    """
+
+    def __init__(self, slots: SynchronizedArray[int], index: int) -> None:
+        self._slots = slots
+        self._index = index
+
+    def get_lock(self) -> Any:
+        return self._slots.get_lock()
+
+    @property
+    def value(self) -> int:
+        return sum(self._slots[:])
+
+    @value.setter
+    def value(self, total: int) -> None:
+        self._slots[self._index] += total - self.value
 
 
 def _take_connections(channel: socket.socket, receiver: Any) -> None:

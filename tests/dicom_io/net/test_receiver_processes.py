@@ -202,3 +202,26 @@ def test_concurrent_associations_are_spread_over_the_processes(pool_settings):
             if assoc.is_established:
                 assoc.abort()
         pool.stop(drain_seconds=5)
+
+
+def test_a_receiver_process_that_dies_is_started_again_and_frees_its_slots(pool_settings):
+    """A crash (here SIGKILL) must not leave the node one process short, nor leak the
+    association it held against the node-wide ``max_associations``."""
+    pool = ReceiverPool(pool_settings(max_associations=1), 2)
+    pool.start()
+    try:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = ae.associate("127.0.0.1", pool.port, ae_title="GASTROLENS")
+        assert held.is_established
+        holder = pool.pids[pool.loads().index(1)]
+        before = set(pool.pids)
+        os.kill(holder, signal.SIGKILL)
+        assert poll(lambda: pool.restarts == 1 and pool.listening, 60), "the dead process was not started again"
+        assert holder not in pool.pids and len(set(pool.pids) - before) == 1
+        echo = lambda: dcmtk("echoscu", "-aec", "GASTROLENS", "127.0.0.1", str(pool.port)).returncode == 0  # noqa: E731
+        assert poll(echo, 10), "the dead process's association still counts against max_associations"
+        if held.is_established:
+            held.abort()
+    finally:
+        pool.stop(drain_seconds=5)

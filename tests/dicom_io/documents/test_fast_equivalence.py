@@ -230,3 +230,18 @@ def test_rich_headers(tmp_path: Path, sop_class):
     written = assert_same_both_ways(tmp_path, make)
     sr = dcmread(written[1].path)
     assert sr.StudyDescription == "EGD with biopsy" and sr.ReferringPhysicianName == "Chen^Jing"
+
+
+def test_lossy_history_is_per_image(tmp_path: Path):
+    """A source's own Lossy Image Compression Ratio and Method (copied into the SEG) are
+    per-image values: image B's, not image A's; the overlay records its own JPEG ratio."""
+    def make(variant: int):
+        source, findings = image(VL_ENDOSCOPIC, variant=variant, lesion=LesionClass.PU)
+        source.LossyImageCompression = "01"
+        source.LossyImageCompressionRatio = ["12.5", "7.25"][variant]
+        source.LossyImageCompressionMethod = ["ISO_10918_1", "ISO_15444_1"][variant]
+        return source, findings
+
+    seg, _, overlay = (dcmread(w.path) for w in assert_same_both_ways(tmp_path, make))
+    assert (seg.LossyImageCompressionRatio, seg.LossyImageCompressionMethod) == (7.25, "ISO_15444_1")
+    assert overlay.file_meta.TransferSyntaxUID == JPEGBaseline8Bit and overlay.LossyImageCompressionRatio != 7.25

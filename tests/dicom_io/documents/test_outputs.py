@@ -25,6 +25,7 @@ import gastrolens.dicom_io.documents.outputs as outputs_module
 from gastrolens import UNTRAINED_WARNING
 from gastrolens.config.schema import OutputSettings
 from gastrolens.dicom_io.documents import codes
+from gastrolens.dicom_io.documents.common import source_was_lossy
 from gastrolens.dicom_io.documents.outputs import Builder, OutputKind, PredecessorRef, write_outputs, write_study_sr
 from gastrolens.errors import OutputError
 from gastrolens.findings import LesionClass
@@ -59,7 +60,8 @@ def check_all(written, source, findings):
         assert ds.SOPClassUID == output.sop_class_uid
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
-        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        jpeg_overlay = output.kind is OutputKind.OVERLAY and source_was_lossy(source)
+        assert ds.file_meta.TransferSyntaxUID == (JPEGBaseline8Bit if jpeg_overlay else ExplicitVRLittleEndian)
     if OutputKind.SEG in outputs:
         seg = hd.seg.segread(outputs[OutputKind.SEG].path)
         lesion_frames = [n for n, f in enumerate(findings, start=1) if f.lesion_present]
@@ -161,6 +163,14 @@ def test_every_accepted_transfer_syntax(tmp_path: Path, syntax):
     outputs = check_all(write_outputs(source, findings, tmp_path / "out"), source, findings)
     overlay = dcmread(outputs[OutputKind.OVERLAY].path)
     assert overlay.LossyImageCompression == ("01" if syntax in LOSSY else "00")
+    if syntax in LOSSY:  # JPEG Baseline, its own compression recorded (documents/jpeg.py)
+        assert overlay.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+        assert overlay.PhotometricInterpretation == "YBR_FULL_422"
+        assert overlay.LossyImageCompressionMethod == "ISO_10918_1"
+        assert float(overlay.LossyImageCompressionRatio) > 1
+    else:
+        assert overlay.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert overlay.PhotometricInterpretation == "RGB" and "LossyImageCompressionRatio" not in overlay
 
 
 def test_multi_frame_source(tmp_path: Path):

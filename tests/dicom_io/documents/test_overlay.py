@@ -147,3 +147,49 @@ def test_fast_drawing_is_pixel_identical(model, shape):
             mask = lesion_mask(rows, cols, center=center, radii=tuple(0.05 + 0.3 * rng.random(2)))
             finding = make_finding(mask, cls, confidence=float(rng.uniform(0.3, 1.0)), model=model)
             np.testing.assert_array_equal(draw_overlay_fast(frame, finding, model), draw_overlay(frame, finding, model))
+
+
+@pytest.mark.parametrize("sop_class,frames", [(VL_ENDOSCOPIC, 1), (SECONDARY_CAPTURE, 1),
+                                              (MULTIFRAME_TRUE_COLOR_SC, 2)], ids=["VL", "SC", "MF-SC"])
+def test_lossy_source_gets_a_jpeg_baseline_overlay_marked_lossy(tmp_path: Path, sop_class, frames):
+    """A source whose picture is lossy already gets a JPEG Baseline overlay, its own
+    compression recorded; the pixels stay close to the drawing and the outline stays red."""
+    source, findings = scenario(sop_class, rows=ROWS, cols=COLS, frames=frames)
+    source.LossyImageCompression = "01"  # as an endoscope's JPEG, stored natively by a PACS
+    drawn_frames = decode_rgb_frames(source)
+    ds = build_overlay(source_header(source), drawn_frames, findings, TRAINED)
+    path = save(ds, tmp_path / "overlay.dcm")
+    assert_dciodvfy_clean(path)
+
+    back = dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert (back.PhotometricInterpretation, back.SamplesPerPixel, back.PlanarConfiguration) == ("YBR_FULL_422", 3, 0)
+    assert back.LossyImageCompression == "01" and back.LossyImageCompressionMethod == "ISO_10918_1"
+    streams = [fragment for fragment in _fragments(back)]
+    assert len(streams) == frames and all(s[:2] == b"\xff\xd8" for s in streams)
+    ratio = frames * ROWS * COLS * 3 / sum(len(s) for s in streams)
+    assert float(back.LossyImageCompressionRatio) == pytest.approx(ratio, abs=0.006)
+    pictures = back.pixel_array.reshape(frames, ROWS, COLS, 3)
+    for picture, frame, finding in zip(pictures, drawn_frames, findings, strict=True):
+        expected = draw_overlay(frame, finding, TRAINED)
+        assert np.abs(picture.astype(int) - expected).mean() < 4  # quality 95
+        if finding.lesion_present:
+            reddish = (picture[..., 0] > 180) & (picture[..., 1] < 90) & (picture[..., 2] < 90)
+            assert (reddish & pure_red(expected)).sum() > 0.5 * pure_red(expected).sum()
+    again = save(build_overlay(source_header(source), drawn_frames, findings, TRAINED), tmp_path / "again.dcm")
+    assert dcmread(again).PixelData == back.PixelData  # same pixels, same bytes
+
+
+def test_lossless_source_keeps_a_native_overlay(tmp_path: Path):
+    source, findings = scenario(VL_ENDOSCOPIC, rows=ROWS, cols=COLS)
+    source.LossyImageCompression = "00"
+    ds = build_overlay(source_header(source), decode_rgb_frames(source), findings, TRAINED)
+    back = dcmread(save(ds, tmp_path / "overlay.dcm"))
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and back.PhotometricInterpretation == "RGB"
+    assert "LossyImageCompressionMethod" not in back and len(back.PixelData) == ROWS * COLS * 3
+
+
+def _fragments(ds):
+    from pydicom.encaps import generate_frames
+
+    return generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1)))

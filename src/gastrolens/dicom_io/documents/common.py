@@ -230,8 +230,11 @@ def now() -> datetime.datetime:
 
 
 def save(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
-    """Write ``ds`` as a DICOM file (Explicit VR Little Endian) atomically to ``path``."""
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    """Write ``ds`` as a DICOM file atomically to ``path``: Explicit VR Little Endian,
+    unless its pixel data is encapsulated (a JPEG overlay), which keeps its syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not UID(syntax).is_compressed:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     try:
         write_atomic(path, lambda fh: ds.save_as(fh, enforce_file_format=True), fsync=fsync)
     except (OSError, ValueError, TypeError) as exc:

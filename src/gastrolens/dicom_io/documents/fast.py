@@ -29,6 +29,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from gastrolens.dicom_io.documents import jpeg
 from gastrolens.dicom_io.documents.common import source_header, source_was_lossy
 from gastrolens.dicom_io.documents.overlay import build_overlay
 from gastrolens.dicom_io.documents.overlay_fast import draw_overlay_fast
@@ -54,12 +55,12 @@ logger = logging.getLogger(__name__)
 CACHE_SIZE = 128
 _SENTINEL_VRS = frozenset({"UI", "PN", "LO", "SH", "LT", "ST", "UT", "DA", "TM", "DT"})
 _STRUCTURAL_IS = frozenset({"NumberOfFrames", "RepresentativeFrameNumber"})
-_SENTINEL_PATIENT_NUMBERS = frozenset({"PatientAge", "PatientWeight", "PatientSize"})
-"""AS and DS values that differ per patient (in the key they would make every patient a new structure)."""
+_SENTINEL_NUMBERS = frozenset({"PatientAge", "PatientWeight", "PatientSize", "LossyImageCompressionRatio"})
+"""AS and DS values that differ per image (in the key they would make every image a new structure)."""
 _NEVER_SENTINEL = frozenset({"SOPClassUID", "SpecificCharacterSet"})
-_NOT_IN_KEY = frozenset(
-    {"PixelData", "FloatPixelData", "DoubleFloatPixelData", "LossyImageCompressionRatio", "LossyImageCompressionMethod"}
-)
+_NOT_IN_KEY = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+OVERLAY_RATIO = "overlay:lossy-ratio"
+"""The slot of a JPEG overlay's own compression ratio (computed when its frames are encoded)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +136,7 @@ def _sentinel_able(elem: DataElement) -> bool:
     if elem.VR == "IS":  # instance, series, acquisition numbers... but frames shape the objects
         return elem.keyword not in _STRUCTURAL_IS and elem.value not in (None, "")
     if elem.VR in ("AS", "DS"):
-        return elem.keyword in _SENTINEL_PATIENT_NUMBERS and elem.value not in (None, "")
+        return elem.keyword in _SENTINEL_NUMBERS and elem.value not in (None, "")
     return elem.VR in _SENTINEL_VRS and str(elem.value) != ""
 
 
@@ -242,7 +243,8 @@ def _sentinel_inputs(
 
 
 def _compile(kind: OutputKind, build: Callable[[Dataset, list[ImageFinding]], Dataset | None],
-             source: Dataset, findings: Sequence[ImageFinding], model: ModelIdentity) -> Template | None:
+             source: Dataset, findings: Sequence[ImageFinding], model: ModelIdentity,
+             computed: dict[str, str] | None = None) -> Template | None:
     header, fake, names = _sentinel_inputs(source, findings, model)
     try:
         ds = build(header, fake)
@@ -252,7 +254,7 @@ def _compile(kind: OutputKind, build: Callable[[Dataset, list[ImageFinding]], Da
     if ds is None:
         return None
     try:
-        return compile_template(ds, names)
+        return compile_template(ds, names, computed)
     except TemplateError as exc:
         logger.warning("no %s template for this kind of source (%s); using the reference builder", kind.value, exc)
         return None
@@ -302,7 +304,7 @@ def build_fast(
             (OutputKind.OVERLAY, signature, len(findings), model),
             lambda: _compile(OutputKind.OVERLAY,
                              lambda h, f: build_overlay(h, [np.zeros((rows, cols, 3), np.uint8)] * len(f), f, model),
-                             source, findings, model))))
+                             source, findings, model, {"LossyImageCompressionRatio": OVERLAY_RATIO}))))
     missing = [kind.value for kind, template in wanted if not isinstance(template, Template)]
     if missing:
         raise TemplateRefused(", ".join(missing))
@@ -316,8 +318,12 @@ def build_fast(
         elif kind is OutputKind.OVERLAY:
             assert frames is not None
             drawn = [draw_overlay_fast(frame, finding, model) for frame, finding in zip(frames, findings, strict=True)]
-            pixels = drawn[0] if len(drawn) == 1 else np.stack(drawn)
-            values[PIXELS] = pixels.data.cast("B")  # the drawn array itself, not a copy
+            if template.transfer_syntax_uid == jpeg.TRANSFER_SYNTAX:  # a lossy source's overlay (overlay.py)
+                encoded = jpeg.encode_frames(drawn)
+                values[PIXELS], values[OVERLAY_RATIO] = encoded.pixel_data, encoded.ratio
+            else:
+                pixels = drawn[0] if len(drawn) == 1 else np.stack(drawn)
+                values[PIXELS] = pixels.data.cast("B")  # the drawn array itself, not a copy
         built.append(_object(kind, template, values, value_of, created, memo))
     return built
 

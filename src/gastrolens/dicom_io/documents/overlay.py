@@ -5,6 +5,8 @@ its probability are written beside it (white on a dark box); the model's name, v
 and weights hash prefix, and the untrained warning when it applies, along the bottom. The result is a
 Secondary Capture (Multi-frame True Color SC for multi-frame sources), RGB, ImageType
 DERIVED\\SECONDARY, Burned In Annotation YES, in the source's study, in a new series.
+The overlay of a lossy source is stored as JPEG Baseline (:mod:`jpeg`), any other as
+native RGB.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from gastrolens import UNTRAINED_WARNING
+from gastrolens.dicom_io.documents import jpeg
 from gastrolens.dicom_io.documents.common import (
     MANUFACTURER,
     SOFTWARE_VERSION,
@@ -182,7 +185,8 @@ def build_overlay(
     ds.BurnedInAnnotation = "YES"
     if "RecognizableVisualFeatures" in header:
         ds.RecognizableVisualFeatures = header.RecognizableVisualFeatures
-    ds.LossyImageCompression = "01" if source_was_lossy(header) else "00"
+    lossy = source_was_lossy(header)
+    ds.LossyImageCompression = "01" if lossy else "00"
     ds.ImageComments = model_comment(model)
     ds.DerivationDescription = (
         f"{model_label(model)}: lesion outlined in red, predicted class and probability burned in"
@@ -198,7 +202,7 @@ def build_overlay(
 
     # Image Pixel
     ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
+    ds.PhotometricInterpretation = jpeg.PHOTOMETRIC_INTERPRETATION if lossy else "RGB"
     ds.PlanarConfiguration = 0
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated = 8
@@ -209,6 +213,14 @@ def build_overlay(
         ds.NumberOfFrames = len(drawn)
         ds.FrameIncrementPointer = 0x00182002  # Frame Label Vector (SC Multi-frame Vector module)
         ds.FrameLabelVector = [f"frame {n}" for n in range(1, len(drawn) + 1)]
+    if lossy:  # its picture is a lossy one already: JPEG Baseline, about ten times smaller (see jpeg.py)
+        encoded = jpeg.encode_frames(drawn)
+        ds.LossyImageCompressionRatio = encoded.ratio
+        ds.LossyImageCompressionMethod = jpeg.METHOD
+        ds.PixelData = encoded.pixel_data
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = jpeg.TRANSFER_SYNTAX
+        return ds
     pixels = np.stack(drawn) if multiframe else drawn[0]
     data = pixels.tobytes()
     ds.PixelData = data + b"\0" * (len(data) % 2)

@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DS, DSfloat
 
 TIME_KEYWORDS = frozenset(
@@ -80,6 +80,8 @@ class Template:
     parts: tuple[bytes | Slot, ...]
     sop_class_uid: str
     encodings: tuple[str, ...]
+    transfer_syntax_uid: str = ExplicitVRLittleEndian
+    """The reference object's: Explicit VR Little Endian, or JPEG Baseline (encapsulated pixels)."""
 
     @property
     def slot_names(self) -> frozenset[str]:
@@ -97,9 +99,16 @@ def sentinel_key(value: Any, vr: str) -> str | None:
     return None
 
 
-def compile_template(ds: Dataset, sentinels: Mapping[str, str]) -> Template:
+def compile_template(ds: Dataset, sentinels: Mapping[str, str], computed: Mapping[str, str] | None = None) -> Template:
     """Cut ``ds`` into constant bytes and slots; ``sentinels`` maps sentinel keys
-    (:func:`sentinel_key`) to slot names. Raises :class:`TemplateError` on a leak."""
+    (:func:`sentinel_key`) to slot names, ``computed`` top-level keywords whose value the
+    caller computes per image (not from an input: a compression ratio) to slot names.
+    Raises :class:`TemplateError` on a leak."""
+    computed = computed or {}
+    meta = getattr(ds, "file_meta", None)
+    declared = UID(str(meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian) if meta is not None else "")
+    encapsulated = declared.is_compressed if declared else False
+    syntax = str(declared) if encapsulated else ExplicitVRLittleEndian  # anything else is written explicit
     charset = ds.get("SpecificCharacterSet")
     encodings = tuple(convert_encodings(charset))
     parts: list[bytes | Slot] = []
@@ -128,8 +137,12 @@ def compile_template(ds: Dataset, sentinels: Mapping[str, str]) -> Template:
                 name = f"{NOW}:{elem.VR}"
             elif top and elem.keyword == "PixelData":
                 name = PIXELS
-                if vr not in ("OB", "OW"):  # 'OB or OW' from pydicom: 8-bit pixels are OB
+                if encapsulated:
+                    vr = "OB"
+                elif vr not in ("OB", "OW"):  # 'OB or OW' from pydicom: 8-bit pixels are OB
                     vr = "OB" if int(dataset.get("BitsAllocated", 8)) <= 8 else "OW"
+            elif top and elem.keyword in computed:
+                name = computed[elem.keyword]
             else:
                 key = None if elem.VM != 1 else sentinel_key(elem.value, elem.VR)
                 name = sentinels.get(key) if key is not None else None
@@ -146,7 +159,8 @@ def compile_template(ds: Dataset, sentinels: Mapping[str, str]) -> Template:
         text = key.removeprefix("fd:")
         if not key.startswith("fd:") and len(text) >= _MIN_CHECKED_SENTINEL and text.encode() in constant:
             raise TemplateError(f"sentinel for {name} ({text}) survived in a constant part")
-    return Template(parts=tuple(parts), sop_class_uid=str(ds.SOPClassUID), encodings=encodings)
+    return Template(parts=tuple(parts), sop_class_uid=str(ds.SOPClassUID), encodings=encodings,
+                    transfer_syntax_uid=syntax)
 
 
 ValueOf = Callable[[str], Any]
@@ -164,16 +178,21 @@ def render(
 
     ``value_of(name)`` gives the value of a slot: the raw value for a source attribute,
     a float for a probability (written as DS and FD as highdicom writes it), bytes for
-    pixel data. Raises KeyError for a slot the caller has no value for. ``memo`` keeps
+    pixel data (native, or the encapsulated items when the template's transfer syntax
+    is compressed). Raises KeyError for a slot the caller has no value for. ``memo`` keeps
     encoded slots between the objects of one image (same values, same character set).
     """
     memo = {} if memo is None else memo
-    out: list[bytes | memoryview] = [b"\x00" * 128 + b"DICM", file_meta(template.sop_class_uid, sop_instance_uid)]
+    out: list[bytes | memoryview] = [b"\x00" * 128 + b"DICM",
+                                     file_meta(template.sop_class_uid, sop_instance_uid, template.transfer_syntax_uid)]
+    encapsulated = UID(template.transfer_syntax_uid).is_compressed
     for part in template.parts:
         if isinstance(part, bytes):
             out.append(part)
         elif part.name.startswith(NOW):
             out.append(_encode_ascii(part.tag, part.vr, _time_value(part.vr, created), b" "))
+        elif part.name == PIXELS and encapsulated:
+            out.extend((_tag_bytes(part.tag) + b"OB\x00\x00" + _UNDEFINED, value_of(part.name), _SEQUENCE_DELIMITER))
         elif part.name == PIXELS:
             out.extend(_pixel_parts(part, value_of(part.name)))
         else:
@@ -253,19 +272,20 @@ _META_VERSION = _header(BaseTag(0x00020001), "OB", 2) + b"\x00\x01"
 _META_TAIL = b"".join(
     _encode_ascii(BaseTag(tag), vr, value, b"\x00" if vr == "UI" else b" ")
     for tag, vr, value in (
-        (0x00020010, "UI", ExplicitVRLittleEndian),
         (0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID),
         (0x00020013, "SH", f"PYDICOM {pydicom_version}"),
     )
 )
 
 
-def file_meta(sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """File Meta Information (PS3.10 7.1) for an Explicit VR Little Endian file."""
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str = ExplicitVRLittleEndian) -> bytes:
+    """File Meta Information (PS3.10 7.1); the data set is Explicit VR Little Endian
+    (JPEG Baseline is too, with encapsulated pixel data)."""
     body = (
         _META_VERSION
         + _encode_ascii(BaseTag(0x00020002), "UI", sop_class_uid, b"\x00")
         + _encode_ascii(BaseTag(0x00020003), "UI", sop_instance_uid, b"\x00")
+        + _encode_ascii(BaseTag(0x00020010), "UI", transfer_syntax_uid, b"\x00")
         + _META_TAIL
     )
     return _header(BaseTag(0x00020000), "UL", 4) + struct.pack("<I", len(body)) + body

@@ -1,7 +1,7 @@
 """How long building the outputs of one image takes, per kind and per path, on one core.
 
     .venv/bin/python bench/outputs.py [--count 200] [--rows 480 --cols 640] [--frames 1]
-        [--sop-class vl|sc] [--no-lesion] [--fsync] [--study-images 50] [--study-count 5]
+        [--sop-class vl|sc] [--no-lesion] [--lossy] [--fsync] [--study-images 50] [--study-count 5]
 
 Builds a synthetic 640x480 VL Endoscopic source with a lesion (tests/dicom_io/documents/
 synthetic.py), its frames already decoded as the daemon passes them, and calls
@@ -12,7 +12,9 @@ overlay difference). Reported: CPU ms per image of the calling thread (what one 
 spends) and wall ms, and images/s per core = 1000 / CPU ms for all three together. fsync
 is off unless ``--fsync``. Every image gets new UIDs and values, so the template path
 compiles its templates once (not timed: two warm-up images, as a structure is compiled
-on its second sighting) and then only fills them.
+on its second sighting) and then only fills them. ``--lossy`` stores the source as JPEG
+Baseline (as endoscopes send it), which gives it a JPEG Baseline overlay
+(documents/jpeg.py); the overlay's size on disk is printed either way.
 
 Then the study SR (``write_study_sr``, what study completion writes): a study of
 ``--study-images`` headers (pixel data left out, as completion reads them) with a lesion
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dicom_io" / "documents"))
 
-from synthetic import MULTIFRAME_TRUE_COLOR_SC, SECONDARY_CAPTURE, VL_ENDOSCOPIC, scenario  # noqa: E402
+from synthetic import MULTIFRAME_TRUE_COLOR_SC, SECONDARY_CAPTURE, VL_ENDOSCOPIC, encode, scenario  # noqa: E402
 
 from gastrolens.config.schema import OutputSettings  # noqa: E402
 from gastrolens.dicom_io.documents.outputs import Builder, write_outputs, write_study_sr  # noqa: E402
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1)
     parser.add_argument("--sop-class", choices=("vl", "sc"), default="vl")
     parser.add_argument("--no-lesion", action="store_true")
+    parser.add_argument("--lossy", action="store_true", help="JPEG Baseline source (gets a JPEG Baseline overlay)")
     parser.add_argument("--fsync", action="store_true")
     parser.add_argument("--study-images", type=int, default=50, help="images in the study of the study SR")
     parser.add_argument("--study-count", type=int, default=5, help="study SRs per path (0: skip)")
@@ -99,10 +102,13 @@ def main() -> None:
     pool = []
     for _ in range(min(args.count, 8)):
         source, findings = scenario(sop_class, lesion=lesion, rows=args.rows, cols=args.cols, frames=args.frames)
+        if args.lossy:
+            encode(source, "1.2.840.10008.1.2.4.50")
         pool.append((source, findings, decode_rgb_frames(source)))
     load = os.getloadavg()[0]
     print(f"outputs for one {args.cols}x{args.rows} {args.sop_class.upper()} image, {args.frames} frame(s), "
-          f"{'lesion' if lesion else 'no lesion'}, fsync {'on' if args.fsync else 'off'}, one process; "
+          f"{'lesion' if lesion else 'no lesion'}, {'JPEG Baseline' if args.lossy else 'native'} source, "
+          f"fsync {'on' if args.fsync else 'off'}, one process; "
           f"load average {load:.2f} on {os.cpu_count()} CPUs"
           + ("  (BUSY MACHINE: figures are pessimistic)" if load >= 1 else ""))
     print(f"{'path':<10} {'kind':<8} {'CPU ms/image':>13} {'wall ms/image':>14}")
@@ -118,6 +124,8 @@ def main() -> None:
                 previous = totals
             print(f"{builder.value:<10} {'all':<8} {totals[0]:13.2f} {totals[1]:14.2f}   "
                   f"-> {1000 / totals[0]:.0f} images/s per core")
+            sizes = [p.stat().st_size for p in (Path(folder) / builder.value / "all").glob("overlay_*.dcm")]
+            print(f"{builder.value:<10} overlay file: {sum(sizes) / max(1, len(sizes)) / 1024:.0f} KiB")
         if args.study_count > 0:
             study = _study(args.study_images)
             print(f"study SR of {args.study_images} images: {'path':<10} {'CPU ms/study':>13} {'wall ms/study':>14} "

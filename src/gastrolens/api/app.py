@@ -20,12 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from gastrolens import __version__
-from gastrolens.api import dashboard, routes_data, routes_ops
+from gastrolens.api import dashboard, routes_data, routes_ops, stow
 from gastrolens.api.context import ApiContext, ApiError, HealthProbe
 from gastrolens.api.scrape import app_registry
 from gastrolens.config import Settings
 from gastrolens.db import Database
 from gastrolens.db.filters import explain_errors
+from gastrolens.dicom_io.net.received import Ingest
 from gastrolens.errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,11 @@ _QUIET_PATHS = ("/healthz", "/metrics")
 
 
 def create_app(settings: Settings, db: Database, store_root: Path | None = None,
-               health_probe: HealthProbe | None = None) -> FastAPI:
-    """The app over ``db``; overlays are read below ``store_root`` (default: the settings' storage root)."""
+               health_probe: HealthProbe | None = None, ingest: Ingest | None = None) -> FastAPI:
+    """The app over ``db``; overlays are read below ``store_root`` (default: the settings' storage root).
+
+    ``ingest``: where STOW-RS instances go (the daemon hands its C-STORE ingest); None: STOW-RS answers 503.
+    """
     app = FastAPI(
         title="GastroLens API",
         version=__version__,
@@ -51,10 +55,11 @@ def create_app(settings: Settings, db: Database, store_root: Path | None = None,
         docs_url=None,
         redoc_url=None,
     )
-    app.state.ctx = ApiContext(settings, db, Path(store_root or settings.storage.root), health_probe)
+    app.state.ctx = ApiContext(settings, db, Path(store_root or settings.storage.root), health_probe, ingest)
     app.state.metrics = app_registry(db)
     app.include_router(routes_data.router)
     app.include_router(routes_ops.router)
+    app.include_router(stow.router)
     app.include_router(dashboard.router)
     _add_error_handlers(app)
     _add_access_log(app, settings.logging.patient_details)

@@ -2,7 +2,8 @@
 
 The settings never hold a token, only ``sha256(token)`` in hex; a presented token is
 hashed and compared with every configured hash in constant time. Roles are ordered:
-an ``auditor`` may read everything a ``viewer`` may, plus the audit trail.
+an ``auditor`` may read everything a ``viewer`` may, plus the audit trail. A ``sender``
+stands apart: it may store by STOW-RS and nothing else, and only it may store.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ MAX_TOKEN_LENGTH = 512
 class Role(str, enum.Enum):
     VIEWER = "viewer"
     AUDITOR = "auditor"
+    SENDER = "sender"
+    """Stores instances by STOW-RS and reads nothing; no other role may store."""
 
     def grants(self, needed: Role) -> bool:
-        return self is Role.AUDITOR or needed is Role.VIEWER
+        return self is needed or (self is Role.AUDITOR and needed is Role.VIEWER)
 
 
 @dataclass(frozen=True)

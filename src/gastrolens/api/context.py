@@ -22,6 +22,7 @@ from gastrolens.api.auth import Principal, Role, TokenRegistry
 from gastrolens.config import Settings
 from gastrolens.db import Database, audit
 from gastrolens.db.states import AuditEventType, Outcome
+from gastrolens.dicom_io.net.received import Ingest
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ApiContext:
     db: Database
     store_root: Path
     health_probe: HealthProbe | None = None
+    ingest: Ingest | None = None
+    """Where STOW-RS instances go (the daemon's, as for C-STORE); None: this app stores nothing."""
     tokens: TokenRegistry = field(init=False)
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from gastrolens.api.app import create_app
 from gastrolens.api.context import HealthProbe
 from gastrolens.config import Settings
 from gastrolens.db import Database
+from gastrolens.dicom_io.net.received import Ingest
 from gastrolens.errors import GastroLensError
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,9 @@ class ApiServer:
     """The HTTP API, dashboard and metrics of one GastroLens process."""
 
     def __init__(self, settings: Settings, db: Database, *, store_root: Path | None = None,
-                 health_probe: HealthProbe | None = None) -> None:
+                 health_probe: HealthProbe | None = None, ingest: Ingest | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings, db, store_root, health_probe)
+        self.app = create_app(settings, db, store_root, health_probe, ingest)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     token = actions.add_parser("token", help="print a new access token and the settings table that admits it")
     token.add_argument("name", metavar="NAME", help="who or what uses it (audited as api:NAME)")
     token.add_argument("--role", choices=[r.value for r in Role], default=Role.VIEWER.value,
-                       help="viewer: studies, results, deliveries; auditor: also the audit trail (default viewer)")
+                       help="viewer: studies, results, deliveries; auditor: also the audit trail; "
+                            "sender: stores by STOW-RS only (default viewer)")
     token.set_defaults(func=run_token)
 
 

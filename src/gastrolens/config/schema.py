@@ -338,7 +338,8 @@ class RetentionSettings(_Section):
 
 class APIToken(_Section):
     name: str = Field(min_length=1, max_length=64)
-    role: Literal["viewer", "auditor"]
+    role: Literal["viewer", "auditor", "sender"]
+    """viewer: reads; auditor: reads and the audit trail; sender: stores by STOW-RS, reads nothing."""
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
@@ -379,3 +380,7 @@ class Settings(_Section):
         if len(names) != len(set(names)):
             raise ValueError("destination names must be unique")
         return value
+    stow_max_body_bytes: int = Field(2 * 1024**3, ge=1)
+    """A STOW-RS request body larger than this is refused (413) before anything is stored."""
+    stow_max_parts: int = Field(1000, ge=1)
+    """A STOW-RS request with more parts (instances) than this is refused (413) before anything is stored."""

@@ -38,6 +38,7 @@ from gastrolens.dicom_io.net.inspect import (
 )
 from gastrolens.dicom_io.net.received import (
     STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
     STATUS_SUCCESS,
     IngestOutcome,
     IngestResult,
@@ -99,10 +100,9 @@ class DatabaseIngest:
                 header = inspect_instance(received.data, negotiated_sop_class=received.negotiated_sop_class)
             except InvalidInstanceError as exc:
                 return self._quarantine(received.data, facts, exc.reason, exc.status)
-            expected = received.expected_study_uid
-            if expected is not None and header.study_uid != expected:
-                reason = f"Study Instance UID {header.study_uid} is not the study {expected} the request addressed"
-                return self._quarantine(received.data, facts, reason, STATUS_DOES_NOT_MATCH_SOP_CLASS, header)
+            unwanted = _unwanted(received, header)
+            if unwanted is not None:
+                return self._quarantine(received.data, facts, *unwanted, header)
             try:
                 return self._persist(received, header, staging)
             except InvalidInstanceError as exc:  # contradicts what is stored (e.g. a series under another study)
@@ -258,6 +258,19 @@ def _discard_if_unplaced(store: Store, staging: Future[Path]) -> None:
     except Exception:  # the staging write failed: nothing to remove
         return
     store.discard(staged)
+
+
+def _unwanted(received: ReceivedInstance, header: InstanceHeader) -> tuple[str, int] | None:
+    """Why a well-formed data set is not what its sender may store here (STOW-RS checks), or None."""
+    expected = received.expected_study_uid
+    if expected is not None and header.study_uid != expected:
+        reason = f"Study Instance UID {header.study_uid} is not the study {expected} the request addressed"
+        return reason, STATUS_DOES_NOT_MATCH_SOP_CLASS
+    accepted = received.accepted_sop_classes
+    if accepted is not None and header.sop_class_uid not in accepted:
+        reason = f"SOP Class UID {header.sop_class_uid} is not in dicom.accepted_sop_classes"
+        return reason, STATUS_SOP_CLASS_NOT_SUPPORTED
+    return None
 
 
 def _uids(header: InstanceHeader | None) -> dict[str, str]:

@@ -15,6 +15,8 @@ from typing import Protocol
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 """Failure: no room on disk, or the database could not commit; the peer may retry."""
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+"""Failure: a SOP class this node does not accept (C-STORE refuses it at negotiation)."""
 
 
 class IngestResult(str, enum.Enum):
@@ -46,6 +48,9 @@ class ReceivedInstance:
     expected_study_uid: str | None = None
     """The study the sender addressed (STOW-RS ``/studies/{study}``): a data set of another
     study is quarantined with 0xA900. None: any study (C-STORE)."""
+    accepted_sop_classes: frozenset[str] | None = None
+    """SOP classes this sender may store, where no negotiation took place (STOW-RS): any other
+    is quarantined with 0x0122. None: the negotiated one decides (C-STORE)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,9 @@ class Component(BaseModel):
 class Health(BaseModel):
     status: str
     """ok: every component that reported is fine; failing: at least one is not."""
+    role: str | None = None
+    """The serving process's role (all, receiver, worker); its components are that role's parts.
+    A load balancer or Kubernetes readiness probe routes to the process only while status is ok."""
     components: dict[str, Component]
 
 
@@ -47,9 +50,10 @@ def healthz(request: Request, credentials: Credentials) -> JSONResponse:
     ctx = context_of(request)
     if not ctx.settings.api.open_health:
         authorize(request, credentials, Role.VIEWER)
-    components = {"database": _database(ctx), "storage": _storage(ctx), **_probed(ctx)}
+    role, probed = _probed(ctx)
+    components = {"database": _database(ctx), "storage": _storage(ctx), **probed}
     failing = any(c.ok is False for c in components.values())
-    body = Health(status="failing" if failing else "ok", components=components)
+    body = Health(status="failing" if failing else "ok", role=role, components=components)
     return JSONResponse(body.model_dump(mode="json"), status_code=503 if failing else 200)
 
 
@@ -84,16 +88,19 @@ def _storage(ctx: ApiContext) -> Component:
     return Component(ok=writable and free_mb >= minimum, detail=detail)
 
 
-def _probed(ctx: ApiContext) -> dict[str, Component]:
-    """The service's own components (scheduler, model); unknown when no service reports them."""
+def _probed(ctx: ApiContext) -> tuple[str | None, dict[str, Component]]:
+    """The service's role and its own components (scheduler, model, receiver: those of its role);
+    unknown when no service reports them."""
     if ctx.health_probe is None:
-        return {name: Component(ok=None, detail={"note": "not reported: no service attached"})
-                for name in ("scheduler", "model")}
+        return None, {name: Component(ok=None, detail={"note": "not reported: no service attached"})
+                      for name in ("scheduler", "model")}
     try:
         reported = dict(ctx.health_probe())
     except Exception as exc:  # a failing probe is a failing service, not a failing endpoint
         log.exception("health probe failed")
-        return {"service": Component(ok=False, detail={"error": f"health probe raised {exc.__class__.__name__}"})}
+        return None, {"service": Component(ok=False,
+                                           detail={"error": f"health probe raised {exc.__class__.__name__}"})}
+    role = reported.pop("role", None)
     components = {}
     for name, value in reported.items():
         if isinstance(value, bool):
@@ -104,4 +111,4 @@ def _probed(ctx: ApiContext) -> dict[str, Component]:
             components[name] = Component(ok=ok if isinstance(ok, bool) else None, detail=detail)
         else:
             components[name] = Component(ok=None, detail={"value": str(value)})
-    return components
+    return (str(role) if role is not None else None), components

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -358,6 +359,36 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     patient_details: bool = False
     """Log patient names and IDs; off: only UIDs reach the log."""
+    format: Literal["text", "json"] = "text"
+    """text: one readable line per record; json: one JSON object per line, for log collectors
+    (Kubernetes, journald, Loki); both go to stderr."""
+
+
+class ServiceRole(str, Enum):
+    """What one ``gastrolens serve`` process does; any number of each share one database and storage."""
+
+    ALL = "all"
+    """Everything in one process: the embedded default."""
+    RECEIVER = "receiver"
+    """The DICOM services (C-STORE and the other SCPs) and the API; loads no model, runs no job."""
+    WORKER = "worker"
+    """Inference, study completion, delivery and retention, and the API; opens no DICOM port."""
+
+    @property
+    def receives(self) -> bool:
+        return self is not ServiceRole.WORKER
+
+    @property
+    def works(self) -> bool:
+        return self is not ServiceRole.RECEIVER
+
+
+class DaemonSettings(_Section):
+    role: ServiceRole = ServiceRole.ALL
+    """``gastrolens serve --role`` overrides it."""
+    migrate_on_start: bool = True
+    """Apply pending database migrations when ``serve`` starts. Turn off where many replicas share one
+    database: there one job runs ``gastrolens db upgrade`` and ``serve`` refuses an out-of-date schema."""
 
 
 class Settings(_Section):
@@ -372,6 +403,7 @@ class Settings(_Section):
     retention: RetentionSettings = RetentionSettings()
     api: APISettings = APISettings()
     logging: LoggingSettings = LoggingSettings()
+    daemon: DaemonSettings = DaemonSettings()
 
     @field_validator("destinations")
     @classmethod

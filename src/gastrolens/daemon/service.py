@@ -1,5 +1,10 @@
 """The running service: store, database, DICOM receiver, model engine and scheduled jobs.
 
+Which of these one process runs is its role (``[daemon] role``, ``serve --role``): ``receiver``
+runs the DICOM services and the API and loads no model; ``worker`` runs inference, study
+completion, delivery and retention and the API, and opens no DICOM port; ``all`` runs both.
+Any number of each share one database and one storage root (see docs/deploy.md).
+
 ``Service.run()`` blocks until SIGTERM or SIGINT, then refuses new associations,
 lets in-flight stores finish, finishes the running batch and returns its exit status:
 0, or :data:`EXIT_DEVICE_LOST` when the inference device failed for good (a CUDA
@@ -19,8 +24,10 @@ from typing import Any
 from gastrolens import UNTRAINED_WARNING, __version__
 from gastrolens.api.server import ApiServer
 from gastrolens.config import Settings
-from gastrolens.daemon.completion import StudyCompletion
+from gastrolens.config.schema import ServiceRole
+from gastrolens.daemon.completion import SIGNAL_POLL_SECONDS, StudyCompletion
 from gastrolens.daemon.delivery import DeliveryStep
+from gastrolens.daemon.dicom_services import dicom_services
 from gastrolens.daemon.ingest import DatabaseIngest
 from gastrolens.daemon.pipeline import InferenceStep
 from gastrolens.daemon.receivers import ReceiverPool, process_count
@@ -36,6 +43,7 @@ from gastrolens.storage.store import Store
 log = logging.getLogger(__name__)
 
 INFERENCE, COMPLETION, DELIVERY, RETENTION = "inference", "study-completion", "delivery", "retention"
+COMPLETION_SIGNALS = "study-completion-signals"
 
 EXIT_DEVICE_LOST = 75
 """EX_TEMPFAIL: the inference device failed; systemd's Restart=on-failure starts a fresh process."""
@@ -53,22 +61,27 @@ class Service:
         self.store = Store(
             settings.storage.root, fsync=settings.storage.fsync, min_free_mb=settings.storage.min_free_mb
         )
+        self.role = settings.daemon.role
         self.ingest: DatabaseIngest | None = None
-        self.receiver: Receiver | ReceiverPool
+        self.receiver: Receiver | ReceiverPool | None = None
         processes = process_count(settings.dicom)
-        if processes > 1:  # ingest grows with cores: see daemon.receivers
+        if not self.role.receives:
+            pass  # a worker opens no DICOM port
+        elif processes > 1:  # ingest grows with cores: see daemon.receivers
             self.receiver = ReceiverPool(
                 settings, processes, on_stored=self._count_stored, log_level=logging.getLogger().getEffectiveLevel()
             )
         else:
+            write_lock = threading.Lock() if self.db.engine.dialect.name == "sqlite" else None
             self.ingest = DatabaseIngest(
                 self.store,
                 self.db,
                 writers=settings.dicom.max_associations,
                 on_stored=self._count_stored,
-                write_lock=threading.Lock() if self.db.engine.dialect.name == "sqlite" else None,
+                write_lock=write_lock,
             )
-            self.receiver = Receiver(settings.dicom, self.ingest)
+            self.receiver = Receiver(settings.dicom, self.ingest,
+                                     services=dicom_services(settings, self.db, self.store, write_lock))
         self.scheduler = Scheduler()
         self.engine: Engine | None = None
         self.inference: InferenceStep | None = None
@@ -82,7 +95,41 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        self.db.upgrade()
+        if self.settings.daemon.migrate_on_start:
+            self.db.upgrade()
+        else:  # one job migrates (gastrolens db upgrade); a replica refuses a schema it does not know
+            self.db.require_current_schema()
+        if self.role.works:
+            self._start_jobs()
+        if self.receiver is not None:
+            self.receiver.start()
+        if self.role.works:
+            self.scheduler.start()
+        if self.settings.api.enabled:
+            self.api = ApiServer(
+                self.settings, self.db, store_root=self.settings.storage.root, health_probe=self.health
+            )
+            self.api.start()
+            log.info("HTTP API and dashboard on %s", self.api.url)
+        with self.db.session() as session:
+            audit.record(
+                session,
+                audit.Event(
+                    type=AuditEventType.SERVICE_STARTED,
+                    actor=self.worker,
+                    detail={
+                        "version": __version__,
+                        "role": self.role.value,
+                        "ae_title": self.settings.dicom.ae_title,
+                        "bind": self.settings.dicom.bind if self.receiver else None,
+                        "port": self.receiver.port if self.receiver else None,
+                        "destinations": [d.name for d in self.settings.destinations] if self.role.works else [],
+                    },
+                ),
+            )
+
+    def _start_jobs(self) -> None:
+        """Load the model and schedule inference, study completion, delivery and retention."""
         self.engine = Engine.from_settings(self.settings.model)
         identity = self.engine.identity
         with self.db.session() as session:
@@ -105,41 +152,19 @@ class Service:
         self.inference = InferenceStep(self.settings, self.db, self.store, self.engine, self.worker)
         interval = self.settings.scheduler.interval_seconds
         self.scheduler.add(INFERENCE, self.drain_queue, interval)
-        self.scheduler.add(
-            COMPLETION, StudyCompletion(self.settings, self.db, self.store, self.worker).run_once, interval
-        )
+        completion = StudyCompletion(self.settings, self.db, self.store, self.worker)
+        self.scheduler.add(COMPLETION, completion.run_once, interval)
+        self.scheduler.add(COMPLETION_SIGNALS, completion.run_signals, SIGNAL_POLL_SECONDS)  # MPPS, command
         self.scheduler.add(DELIVERY, DeliveryStep(self.settings, self.db, self.store, self.worker).run_once, interval)
         self.scheduler.add(
             RETENTION,
             RetentionStep(self.settings, self.db, self.store, self.worker).run_once,
             RETENTION_INTERVAL_SECONDS,
         )
-        self.receiver.start()
-        self.scheduler.start()
-        if self.settings.api.enabled:
-            self.api = ApiServer(
-                self.settings, self.db, store_root=self.settings.storage.root, health_probe=self.health
-            )
-            self.api.start()
-            log.info("HTTP API and dashboard on %s", self.api.url)
-        with self.db.session() as session:
-            audit.record(
-                session,
-                audit.Event(
-                    type=AuditEventType.SERVICE_STARTED,
-                    actor=self.worker,
-                    detail={
-                        "version": __version__,
-                        "ae_title": self.settings.dicom.ae_title,
-                        "bind": self.settings.dicom.bind,
-                        "port": self.receiver.port,
-                        "destinations": [d.name for d in self.settings.destinations],
-                    },
-                ),
-            )
 
     def stop(self) -> None:
-        self.receiver.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
         if self.ingest is not None:
             self.ingest.close()
         if self.api is not None:
@@ -173,17 +198,25 @@ class Service:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
-        model = self.engine.identity if self.engine else None
-        dicom = self.settings.dicom
-        print(
-            f"GastroLens ready: AE title {dicom.ae_title} on {dicom.bind}:{self.receiver.port}"
-            f" (model {model.name if model else '?'}{' - ' + UNTRAINED_WARNING if model and model.untrained else ''})",
-            flush=True,
-        )
+        print(f"GastroLens ready: {self.ready_line()}", flush=True)
         self._stop.wait()
         log.info("stop requested: refusing new associations, finishing in-flight stores and the running batch")
         self.stop()
         return self.exit_status
+
+    def ready_line(self) -> str:
+        """What this process serves, for the one line printed when it is ready."""
+        parts = []
+        if self.receiver is not None:
+            dicom = self.settings.dicom
+            parts.append(f"AE title {dicom.ae_title} on {dicom.bind}:{self.receiver.port}")
+        if self.engine is not None:
+            model = self.engine.identity
+            parts.append(f"model {model.name}{' - ' + UNTRAINED_WARNING if model.untrained else ''}")
+        if self.api is not None:
+            parts.append(f"API on {self.api.url}")
+        text = ", ".join(parts)
+        return text if self.role is ServiceRole.ALL else f"{text} [role {self.role.value}]"
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -213,14 +246,15 @@ class Service:
             self.scheduler.wake(INFERENCE)
 
     def health(self) -> Mapping[str, Any]:
-        """What /healthz reports besides the database and storage."""
-        identity = self.engine.identity if self.engine else None
-        return {
-            "scheduler": {
+        """What /healthz reports besides the database and storage: the role and that role's parts."""
+        report: dict[str, Any] = {"role": self.role.value}
+        if self.role.works:
+            identity = self.engine.identity if self.engine else None
+            report["scheduler"] = {
                 "ok": self.scheduler.running,
                 "last_runs": {k: v.isoformat() for k, v in self.scheduler.last_run.items()},
-            },
-            "model": {
+            }
+            report["model"] = {
                 "ok": identity is not None,
                 **(
                     {
@@ -232,6 +266,7 @@ class Service:
                     if identity
                     else {}
                 ),
-            },
-            "receiver": {"ok": self.receiver.listening},
-        }
+            }
+        if self.receiver is not None:
+            report["receiver"] = {"ok": self.receiver.listening}
+        return report

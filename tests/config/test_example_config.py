@@ -88,9 +88,12 @@ def test_commented_examples_are_valid_settings(tmp_path: Path) -> None:
     uncommented = tmp_path / "all-examples.toml"
     uncommented.write_text(uncomment_examples(EXAMPLE.read_text(encoding="utf-8")), encoding="utf-8")
     settings = load_settings(uncommented, environ={})
-    assert [d.name for d in settings.destinations] == ["pacs", "export"]
+    assert [(d.name, d.kind) for d in settings.destinations] == [
+        ("pacs", "dicom"), ("export", "folder"), ("archive", "dicomweb"), ("ris", "hl7")]
     assert settings.destinations[0].tls.enabled
     assert settings.destinations[1].folder == Path("/srv/gastrolens/export")
+    assert settings.destinations[2].url == "http://127.0.0.1:8042/dicom-web"
+    assert settings.destinations[3].charset == "UNICODE UTF-8"
     assert [t.role for t in settings.api.tokens] == ["viewer"]
     assert settings.dicom.tls.ca == Path("/etc/gastrolens/tls/clients-ca.crt")
     assert not settings.dicom.tls.enabled  # the file checks run only when enabled

@@ -10,11 +10,21 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
+from urllib.parse import urlsplit
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # VR AE: no backslash, no control chars
 
@@ -293,6 +303,82 @@ class Folder(_Section):
     folder: Path
 
 
+class DicomWeb(_Section):
+    """A DICOMweb origin server that receives the outputs by STOW-RS (PS3.18 10.5), one object a request."""
+
+    kind: Literal["dicomweb"]
+    name: DestinationName
+    url: str = Field(min_length=1)
+    """The service's base URL (STOW-RS posts to ``<url>/studies``), for example Orthanc's ``http://pacs:8042/dicom-web``."""
+    token: SecretStr | None = None
+    """Sent as ``Authorization: Bearer <token>``; unset: no Authorization header."""
+    ca: Path | None = None
+    """CA bundle (PEM) that an https server's certificate must chain to (https only); unset: the system's."""
+    timeout_seconds: float = Field(30.0, gt=0)
+    """Connect and read timeout of one request; an expired one is retried later."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        if parsed.query or parsed.fragment:
+            raise ValueError(f"{value!r}: the base URL takes no query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("ca")
+    @classmethod
+    def _readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Checked only where it is used: an https URL.
+        if value is not None and str(info.data.get("url", "")).startswith("https:") and not value.is_file():
+            raise ValueError(f"cannot read {value}")
+        return value
+
+
+HL7_CHARSETS: dict[str, str] = {
+    "ASCII": "ascii",
+    "8859/1": "iso8859-1",
+    "8859/2": "iso8859-2",
+    "8859/5": "iso8859-5",
+    "8859/7": "iso8859-7",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "GB 18030-2000": "gb18030",
+    "BIG-5": "big5",
+}
+"""MSH-18 character sets (HL7 table 0211) a destination may name, each with the Python codec that writes it."""
+
+HL7Charset = Literal["ASCII", "8859/1", "8859/2", "8859/5", "8859/7", "8859/15", "UNICODE UTF-8", "GB 18030-2000",
+                     "BIG-5"]
+
+HL7Name = Annotated[str, Field(min_length=1, max_length=20, pattern=r"^[^|^~\\&\r\n]+$")]
+"""An HD namespace ID (MSH-3..6): no HL7 delimiter, at most 20 characters."""
+
+
+class HL7(_Section):
+    """A reporting system or EHR that receives each study conclusion as an HL7 v2.5.1 ORU^R01 over MLLP."""
+
+    kind: Literal["hl7"]
+    name: DestinationName
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    sending_application: HL7Name = "GASTROLENS"
+    """MSH-3."""
+    sending_facility: HL7Name | None = None
+    """MSH-4."""
+    receiving_application: HL7Name
+    """MSH-5."""
+    receiving_facility: HL7Name
+    """MSH-6."""
+    charset: HL7Charset = "UNICODE UTF-8"
+    """MSH-18: how the message is encoded; a patient name it cannot write is a permanent failure."""
+    ack_timeout_seconds: float = Field(30.0, gt=0)
+    """Connecting and waiting for the ACK; no ACK within it is retried later."""
+    processing_id: Literal["P", "T", "D"] = "P"
+    """MSH-11: P production, T training, D debugging."""
+
+
 def _destination_kind(data: object) -> object:
     """Configurations without ``kind`` keep working: a folder key makes a folder, anything else a DICOM peer."""
     if isinstance(data, dict) and "kind" not in data:
@@ -302,7 +388,8 @@ def _destination_kind(data: object) -> object:
     return data
 
 
-Destination = Annotated[DicomPeer | Folder, Field(discriminator="kind"), BeforeValidator(_destination_kind)]
+Destination = Annotated[DicomPeer | Folder | DicomWeb | HL7, Field(discriminator="kind"),
+                        BeforeValidator(_destination_kind)]
 """Where outputs go; ``kind`` says which (\"dicom\" when absent, unless ``folder`` is given)."""
 
 
@@ -412,6 +499,10 @@ class Settings(_Section):
         if len(names) != len(set(names)):
             raise ValueError("destination names must be unique")
         return value
+
+    def destination_kinds(self) -> dict[str, str]:
+        """Each configured destination's name with its kind (dicom, folder, dicomweb, hl7)."""
+        return {d.name: d.kind for d in self.destinations}
     stow_max_body_bytes: int = Field(2 * 1024**3, ge=1)
     """A STOW-RS request body larger than this is refused (413) before anything is stored."""
     stow_max_parts: int = Field(1000, ge=1)

@@ -72,7 +72,8 @@ class DeliveryStep:
 
     def _outgoing(self, claims: Sequence[ClaimedDelivery]) -> list[Outgoing]:
         return [Outgoing(path=self.store.absolute(c.file_path), sop_class_uid=c.sop_class_uid,
-                         sop_instance_uid=c.sop_instance_uid, study_instance_uid=c.study_instance_uid)
+                         sop_instance_uid=c.sop_instance_uid, study_instance_uid=c.study_instance_uid,
+                         kind=c.output_kind)
                 for c in claims]
 
     def _deliver(self, claims: Sequence[ClaimedDelivery], results: Iterator[SendResult]) -> int:

@@ -36,6 +36,7 @@ from gastrolens.daemon.decoding import (
     decode_process_count,
     decode_workers,
 )
+from gastrolens.daemon.destinations import object_destination_names
 from gastrolens.daemon.workers import output_workers, write_outputs_in_worker
 from gastrolens.db import Database
 from gastrolens.db.queue import ClaimedInstance, claim_instances
@@ -78,7 +79,7 @@ class InferenceStep:
         self.store = store
         self.engine = engine
         self.worker = worker
-        self._destination_names = tuple(d.name for d in settings.destinations)
+        self._destination_names = object_destination_names(settings)  # HL7 ones take study SRs only
         self._decode_processes = decode_process_count(settings.scheduler.decode_processes)
         self._decode_function: Callable[[Path], Decoded] = decode_instance
         self._decoders = self._new_decoders()

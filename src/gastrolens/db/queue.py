@@ -26,6 +26,7 @@ from gastrolens.db import audit
 from gastrolens.db.engine import on_postgresql
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
 from gastrolens.db.tables import Delivery, Instance, Output, Series, Study
+from gastrolens.findings import OutputKind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +54,9 @@ class ClaimedDelivery:
     sop_instance_uid: str
     series_instance_uid: str
     study_instance_uid: str
+    output_kind: OutputKind
+    revision: int
+    """Of a study SR, its report revision (1 for other outputs)."""
 
 
 def _skip_locked(session: Session, stmt: Any, table: type) -> Any:
@@ -131,11 +135,13 @@ def claim_deliveries(session: Session, worker: str, *, limit: int, lease_seconds
         claimed_by=worker, lease_expires_at=now + timedelta(seconds=lease_seconds)))
     rows = session.execute(
         select(Delivery.id, Delivery.destination, Output.file_path, Output.sop_class_uid,
-               Output.sop_instance_uid, Output.series_instance_uid, Study.study_instance_uid)
+               Output.sop_instance_uid, Output.series_instance_uid, Study.study_instance_uid, Output.kind,
+               Output.revision)
         .join(Output, Delivery.output_id == Output.id).join(Study, Output.study_id == Study.id)
         .where(Delivery.id.in_(ids))
         .order_by(Delivery.next_attempt_at, Delivery.id)
     ).all()
     return [ClaimedDelivery(id=r.id, destination=r.destination, file_path=r.file_path, sop_class_uid=r.sop_class_uid,
                             sop_instance_uid=r.sop_instance_uid, series_instance_uid=r.series_instance_uid,
-                            study_instance_uid=r.study_instance_uid) for r in rows]
+                            study_instance_uid=r.study_instance_uid, output_kind=OutputKind(r.kind),
+                            revision=r.revision) for r in rows]

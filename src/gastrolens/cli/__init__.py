@@ -26,6 +26,7 @@ COMMANDS = {
     "api": "gastrolens.cli.api_cmd",
     "config": "gastrolens.cli.config_cmd",
     "db": "gastrolens.cli.db_cmd",
+    "studies": "gastrolens.cli.studies",
 }
 """Command name -> module with ``register(subparsers)``. Only the module of the command
 being run is imported (importing torch for ``gastrolens status`` would cost seconds)."""

@@ -223,6 +223,9 @@ class ModelSettings(_Section):
 class SchedulerSettings(_Section):
     interval_seconds: float = Field(2.0, gt=0)
     study_quiet_seconds: float = Field(30.0, ge=0)
+    mpps_grace_seconds: float = Field(300.0, ge=0)
+    """After MPPS COMPLETED, how long images it lists may still arrive before the study SR
+    is written without them (listing them as missing)."""
     lease_seconds: float = Field(300.0, gt=0)
     """A claim older than this is taken to belong to a dead process and is claimed again."""
     decode_threads: int = Field(2, ge=1, le=64)

@@ -1,4 +1,15 @@
-"""Study completion: a study quiet for ``study_quiet_seconds`` gets its study-level SR.
+"""Study completion, the one owner of every signal that a study is complete.
+
+Three signals: the quiet timer (below), MPPS (a step COMPLETED or DISCONTINUED) and the
+``gastrolens studies complete UID`` command. The last two arrive as rows in
+``completion_signals`` (written by a receiver process or the CLI, so they reach any
+worker through the database) and :meth:`StudyCompletion.run_signals` polls them every
+:data:`SIGNAL_POLL_SECONDS`. A signalled study is reported as soon as none of its
+instances waits for inference and, for MPPS COMPLETED, every image the step lists has
+arrived, or ``mpps_grace_seconds`` passed since (the SR then names the missing ones).
+DISCONTINUED reports what arrived and says so. Both write a PARTIAL SR with a comment.
+
+The quiet timer: a study quiet for ``study_quiet_seconds`` gets its study-level SR.
 
 A study is due when none of its instances waits for inference, its last instance
 arrived at least ``study_quiet_seconds`` ago, and it has results newer than its last
@@ -16,8 +27,9 @@ delivered under the older model.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -29,15 +41,19 @@ from sqlalchemy import exists, func, select
 from gastrolens import metrics
 from gastrolens.config import Settings
 from gastrolens.db import Database
-from gastrolens.db.states import InstanceState
-from gastrolens.db.tables import Instance, Output, Result, Series, Study, utcnow
+from gastrolens.db.states import CompletionSignalKind, InstanceState
+from gastrolens.db.tables import CompletionSignal, Instance, Output, ProcedureStep, Result, Series, Study, utcnow
 from gastrolens.db.transitions import NewOutput, StudyReport, record_study_report
+from gastrolens.db.transitions_services import settle_signal
 from gastrolens.dicom_io.documents.outputs import PredecessorRef, write_study_sr
 from gastrolens.errors import GastroLensError, OutputError
 from gastrolens.findings import ImageFinding, LesionClass, ModelIdentity, OutputKind
 from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
+
+SIGNAL_POLL_SECONDS = 0.5
+"""How often :meth:`StudyCompletion.run_signals` looks for MPPS and command signals."""
 
 
 class StudyCompletion:
@@ -47,6 +63,70 @@ class StudyCompletion:
         self.store = store
         self.worker = worker
         self._destination_names = tuple(d.name for d in settings.destinations)
+        self._lock = threading.Lock()  # the quiet timer and the signal poll never report at once
+
+    # -- MPPS and command signals --------------------------------------------------------
+
+    def run_signals(self) -> int:
+        """Settle every unhandled completion signal that can be; returns how many SRs were written."""
+        if not self.settings.outputs.sr:
+            return 0
+        with self.db.read_session() as session:
+            pending = list(session.scalars(select(CompletionSignal.id).where(CompletionSignal.handled_at.is_(None))
+                                           .order_by(CompletionSignal.id).limit(100)))
+        written = 0
+        for signal_id in pending:
+            try:
+                with self._lock, metrics.stage_cpu(metrics.Stage.COMPLETE):
+                    written += self._settle(signal_id)
+            except (GastroLensError, OSError, InvalidDicomError) as exc:  # one study never blocks the others
+                log.error("completion signal %d: cannot write the study SR: %s", signal_id, exc)
+        return written
+
+    def _settle(self, signal_id: int) -> int:
+        now = utcnow()
+        with self.db.read_session() as session:
+            signal = session.get(CompletionSignal, signal_id)
+            if signal is None or signal.handled_at is not None:
+                return 0
+            kind, study_uid = signal.kind, signal.study_instance_uid
+            step = session.get(ProcedureStep, signal.procedure_step_id) if signal.procedure_step_id else None
+            study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+            grace_over = (step is None or step.ended_at is None
+                          or _aware(step.ended_at) + timedelta(seconds=self.settings.scheduler.mpps_grace_seconds)
+                          <= now)
+            if study_id is None:
+                if kind is CompletionSignalKind.COMMAND or grace_over:
+                    return self._settled(signal_id, "nothing to report: no instance of the study was received")
+                return 0  # its images may still come
+            waiting = session.scalar(select(func.count(Instance.id)).where(
+                Instance.study_id == study_id, Instance.superseded.is_(False),
+                Instance.state.in_((InstanceState.RECEIVED, InstanceState.CLAIMED))))
+            if waiting:
+                return 0  # report once inference has seen them
+            arrived = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.study_id == study_id)))
+            missing = [uid for uid in (step.referenced if step else []) if uid not in arrived]
+        notes: list[str] = []
+        if kind is CompletionSignalKind.MPPS_DISCONTINUED:
+            notes.append(f"Procedure step DISCONTINUED: this report covers the {len(arrived)} image(s) that arrived")
+        if missing:
+            if kind is CompletionSignalKind.MPPS_COMPLETED and not grace_over:
+                return 0  # the images it lists may still arrive
+            notes.append(f"{len(missing)} image(s) listed by the procedure step were not received: "
+                         + ", ".join(missing))
+        written = self.report(study_id, notes=notes)
+        outcome = (f"{kind.value}: study SR written" + (f" ({len(missing)} missing)" if missing else "")
+                   if written else f"{kind.value}: nothing to report (no findings)")
+        self._settled(signal_id, outcome)
+        return written
+
+    def _settled(self, signal_id: int, outcome: str) -> int:
+        with self.db.session() as session:
+            settle_signal(session, signal_id, outcome=outcome, now=utcnow())
+        log.info("completion signal %d: %s", signal_id, outcome)
+        return 0
+
+    # -- the quiet timer -----------------------------------------------------------------
 
     def due_studies(self) -> list[int]:
         quiet_since = utcnow() - timedelta(seconds=self.settings.scheduler.study_quiet_seconds)
@@ -71,14 +151,16 @@ class StudyCompletion:
             return 0
         for study_id in self.due_studies():
             try:
-                with metrics.stage_cpu(metrics.Stage.COMPLETE):
+                with self._lock, metrics.stage_cpu(metrics.Stage.COMPLETE):
                     written += self.report(study_id)
             except (GastroLensError, OSError, InvalidDicomError) as exc:  # one study never blocks the others
                 log.error("study %d: cannot write the study SR: %s", study_id, exc)
         return written
 
-    def report(self, study_id: int) -> int:
-        """Write the study's next SR revision from the newest finding of every frame; 1 if written."""
+    def report(self, study_id: int, *, notes: Sequence[str] = ()) -> int:
+        """Write the study's next SR revision from the newest finding of every frame; 1 if written.
+
+        ``notes`` (why the report is incomplete) make it a PARTIAL SR that says so."""
         with self.db.read_session() as session:
             study = session.get(Study, study_id)
             assert study is not None
@@ -101,7 +183,8 @@ class StudyCompletion:
             return 0
         study_pairs, models = self._study_pairs(rows, study)
         written = write_study_sr(study_pairs, self.store.output_folder(study_uid), self.settings.outputs,
-                                 revision=revision, predecessor=predecessor, fsync=self.settings.storage.fsync)
+                                 revision=revision, predecessor=predecessor, fsync=self.settings.storage.fsync,
+                                 notes=notes)
         conclusion = written.conclusion
         report = StudyReport(
             study_id=study_id, study_instance_uid=study_uid, revision=revision,
@@ -158,6 +241,10 @@ class StudyCompletion:
             except FileNotFoundError:
                 log.warning("source %s is missing from the store", instance.sop_instance_uid)
         return None
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
 
 
 def _header_from_database(instance: Instance, series_uid: str, study: Study) -> Dataset:

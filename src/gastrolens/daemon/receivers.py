@@ -308,6 +308,7 @@ def _serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         from gastrolens.config import Settings
+        from gastrolens.daemon.dicom_services import dicom_services
         from gastrolens.daemon.ingest import DatabaseIngest
         from gastrolens.db import Database
         from gastrolens.dicom_io.net.receiver import Receiver
@@ -341,6 +342,7 @@ def _serve(
             handoff=True,
             node_associations=NodeCount(associations, index),
             on_connection_end=connection_ended,
+            services=dicom_services(settings, db, store, write_lock if db.engine.dialect.name == "sqlite" else None),
         )
         receiver.start()
         threading.Thread(

@@ -56,3 +56,25 @@ class AuditEventType(str, enum.Enum):
     AUDIT_EXPORTED = "audit.exported"
     DATABASE_UPGRADED = "database.upgraded"
     MODEL_LOADED = "model.loaded"
+    COMMITMENT_REQUESTED = "commitment.requested"
+    COMMITMENT_REPORTED = "commitment.reported"
+    PROCEDURE_STEP_CREATED = "procedure_step.created"
+    PROCEDURE_STEP_UPDATED = "procedure_step.updated"
+    PROCEDURE_STEP_REFUSED = "procedure_step.refused"
+    STUDY_COMPLETION_REQUESTED = "study.completion_requested"
+
+
+class ProcedureStepStatus(str, enum.Enum):
+    """MPPS Performed Procedure Step Status (0040,0252): IN PROGRESS -> COMPLETED | DISCONTINUED."""
+
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
+class CompletionSignalKind(str, enum.Enum):
+    """Why a study should complete now rather than when it has been quiet long enough."""
+
+    MPPS_COMPLETED = "mpps-completed"
+    MPPS_DISCONTINUED = "mpps-discontinued"
+    COMMAND = "command"

@@ -25,7 +25,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
+from gastrolens.db.states import (
+    AuditEventType,
+    CompletionSignalKind,
+    DeliveryState,
+    InstanceState,
+    Outcome,
+    ProcedureStepStatus,
+)
 from gastrolens.findings import CLASS_ORDER, LesionClass, OutputKind
 
 UID = String(64)
@@ -259,3 +266,47 @@ class AuditEvent(Base):
     """Canonical JSON (sorted keys), exactly as hashed."""
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class ProcedureStep(Base):
+    """One Modality Performed Procedure Step (MPPS N-CREATE, then N-SET), as the workstation reported it."""
+
+    __tablename__ = "procedure_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    status: Mapped[ProcedureStepStatus] = mapped_column(_enum(ProcedureStepStatus))
+    step_id: Mapped[str | None] = mapped_column(String(16))
+    station_ae: Mapped[str | None] = mapped_column(String(16))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    referenced: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """SOP Instance UIDs the Performed Series Sequence lists (images and other composites)."""
+    attributes: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    """The step's attributes as DICOM JSON, N-SET modifications applied."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the N-SET to COMPLETED or DISCONTINUED arrived."""
+
+
+class CompletionSignal(Base):
+    """A request that a study complete now (MPPS final state, or the ``studies complete`` command).
+
+    Written by whoever hears it (receiver process, CLI); the completion job in any worker
+    process polls for unhandled ones, so the signal travels through the database.
+    """
+
+    __tablename__ = "completion_signals"
+    __table_args__ = (Index("ix_completion_signals_pending", "handled_at", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    kind: Mapped[CompletionSignalKind] = mapped_column(_enum(CompletionSignalKind))
+    procedure_step_id: Mapped[int | None] = mapped_column(ForeignKey("procedure_steps.id"))
+    actor: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    handled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str | None] = mapped_column(Text)
+    """What the completion job did: the SR revision written, or why none was."""

@@ -236,8 +236,13 @@ def write_study_sr(
     min_images: int = 1,
     fsync: bool = True,
     builder: Builder = Builder.TEMPLATE,
+    notes: Sequence[str] = (),
 ) -> WrittenStudyReport:
     """Write revision ``revision`` of a study's conclusion SR.
+
+    ``notes`` say why the report is incomplete (an MPPS step DISCONTINUED, images it
+    listed that never arrived): each becomes a TEXT Comment item and the SR is marked
+    PARTIAL (Completion Flag) with the first note as its description.
 
     ``study`` pairs every source instance of the study (pixel data not needed) with its
     per-frame findings. The conclusion follows ``settings.study_priority`` and the
@@ -276,7 +281,7 @@ def write_study_sr(
         )
     except ValueError as exc:
         raise OutputError(f"study conclusion: {exc}") from exc
-    if builder is Builder.TEMPLATE:
+    if builder is Builder.TEMPLATE and not notes:
         try:
             encoded = encode_study_sr(headers, list(models), conclusion, revision=revision, predecessor=predecessor)
         except FastStudyRefused as exc:
@@ -295,11 +300,28 @@ def write_study_sr(
                                      sop_class_uid=encoded.sop_class_uid),
                 conclusion=conclusion)
     sr = build_study_sr(headers, list(models), conclusion, revision=revision, predecessor=predecessor)
+    if notes:
+        _mark_partial(sr, notes)
     (written,) = _write_all([(OutputKind.STUDY_SR, sr)], out_dir, fsync=fsync)
     logger.info(
         "wrote study SR revision %d for study %s: %s", revision, sr.StudyInstanceUID, conclusion.conclusion.value
     )
     return WrittenStudyReport(output=written, conclusion=conclusion)
+
+
+def _mark_partial(sr: Dataset, notes: Sequence[str]) -> None:
+    """Append each note as a TEXT Comment (121106, DCM) to the root and flag the SR PARTIAL."""
+    for note in notes:
+        item = Dataset()
+        item.RelationshipType = "CONTAINS"
+        item.ValueType = "TEXT"
+        concept = Dataset()
+        concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "121106", "DCM", "Comment"
+        item.ConceptNameCodeSequence = [concept]
+        item.TextValue = note
+        sr.ContentSequence.append(item)
+    sr.CompletionFlag = "PARTIAL"
+    sr.CompletionFlagDescription = notes[0][:64]
 
 
 def _write_all(built: Sequence[tuple[OutputKind, Dataset]], out_dir: Path, *, fsync: bool) -> list[WrittenOutput]:

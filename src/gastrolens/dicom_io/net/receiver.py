@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -35,6 +35,7 @@ from gastrolens.dicom_io.net.received import (
     ReceivedInstance,
     RequestFacts,
 )
+from gastrolens.dicom_io.net.services import DicomService
 from gastrolens.dicom_io.net.tls import HandoffServer, HandshakeInThreadServer, server_context
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,11 @@ class Receiver:
         handoff: bool = False,
         node_associations: SharedCount | None = None,
         on_connection_end: Callable[[], None] | None = None,
+        services: Sequence[DicomService] = (),
     ) -> None:
         self.settings = settings
         self.ingest = ingest
+        self.services = tuple(services)
         self.handoff = handoff
         self.on_connection_end = on_connection_end
         self.node_associations = node_associations
@@ -121,6 +124,9 @@ class Receiver:
         for sop_class in self.settings.accepted_sop_classes:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        for service in self.services:  # storage commitment, MPPS...: see dicom_io.net.services
+            for sop_class in service.sop_classes:
+                ae.add_supported_context(sop_class)
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.network_timeout = self.settings.network_timeout_seconds
@@ -146,6 +152,7 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        handlers += [handler for service in self.services for handler in service.handlers()]
         # start_server(block=False) by hand, with a server class that handshakes TLS
         # off the accept loop and bounds every connection (see dicom_io.net.tls).
         server = cast(
@@ -196,6 +203,8 @@ class Receiver:
                 "aborting %d association(s) still open after %.0f s", len(self.ae.active_associations), drain_seconds
             )
         self.ae.shutdown()
+        for service in self.services:
+            service.close()
         if self.handoff:
             self._server.server_close()
         self.connections.stop()

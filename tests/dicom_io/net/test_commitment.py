@@ -1,0 +1,187 @@
+"""Storage Commitment Push Model SCP: answers over real sockets, reports on the same or a new association."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_services_support import ReportInbox, report_listener, request_commitment
+from gastrolens.config.schema import DicomSettings, KnownPeer
+from gastrolens.daemon.dicom_services import dicom_services
+from gastrolens.daemon.ingest import DatabaseIngest
+from gastrolens.db import Database
+from gastrolens.db.states import AuditEventType, Outcome
+from gastrolens.db.tables import AuditEvent
+from gastrolens.dicom_io.net.receiver import Receiver
+from gastrolens.storage.store import Store
+from support import storescu
+
+
+class Node:
+    def __init__(self, receiver: Receiver, db: Database, store: Store, ingest: DatabaseIngest) -> None:
+        self.receiver, self.db, self.store, self.ingest = receiver, db, store, ingest
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def events(self, event_type: AuditEventType) -> list[AuditEvent]:
+        with self.db.read_session() as session:
+            return list(session.scalars(select(AuditEvent).where(AuditEvent.event_type == event_type)
+                                        .order_by(AuditEvent.id)))
+
+
+@pytest.fixture
+def make_node(db_url: str, tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    from gastrolens.config import Settings
+
+    nodes: list[Node] = []
+
+    def make(**dicom: object) -> Node:
+        db = Database(db_url)
+        db.upgrade()
+        store = Store(tmp_path / "storage", fsync=True, min_free_mb=0)
+        ingest = DatabaseIngest(store, db)
+        settings = Settings(dicom=DicomSettings(port=0, **dicom))  # type: ignore[arg-type]
+        receiver = Receiver(settings.dicom, ingest, services=dicom_services(settings, db, store))
+        receiver.start()
+        nodes.append(Node(receiver, db, store, ingest))
+        return nodes[-1]
+
+    yield make
+    for node in nodes:
+        node.receiver.stop(drain_seconds=5)
+        node.ingest.close()
+        node.db.dispose()
+
+
+def _refs(files: dict[str, Path]) -> list[tuple[str, str]]:
+    return [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in (dcmread(p) for p in files.values())]
+
+
+def _stored(node: Node, files: dict[str, Path]) -> list[tuple[str, str]]:
+    for path in files.values():
+        assert storescu(node.port, path).returncode == 0
+    return _refs(files)
+
+
+def test_held_instances_are_committed_on_the_same_association(make_node, sample_files) -> None:
+    node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="127.0.0.1", port=1),))
+    refs = _stored(node, sample_files)
+    inbox = ReportInbox()
+    transaction, status = request_commitment(node.port, refs, inbox=inbox)
+    assert status == 0x0000
+    assert inbox.arrived.is_set(), "no N-EVENT-REPORT on the open association"
+    ((event_type, info, via),) = inbox.reports
+    assert (event_type, via) == (1, "same")
+    assert info.TransactionUID == transaction
+    assert sorted(str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence) == sorted(u for _, u in refs)
+    assert "FailedSOPSequence" not in info
+    assert node.events(AuditEventType.COMMITMENT_REQUESTED)[0].outcome is Outcome.SUCCESS
+    reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+    assert json.loads(reported[0].detail)["via"] == "same-association"
+
+
+def test_an_instance_never_received_or_gone_from_the_store_fails(make_node, sample_files) -> None:
+    node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="127.0.0.1", port=1),))
+    refs = _stored(node, sample_files)
+    unknown = (refs[0][0], generate_uid())
+    # A row without its file is not held durably: remove one stored file behind the node's back.
+    gone = next(node.store.root.rglob(f"*{refs[1][1]}*"))
+    gone.unlink()
+    inbox = ReportInbox()
+    _, status = request_commitment(node.port, [*refs, unknown], inbox=inbox)
+    assert status == 0x0000
+    ((event_type, info, _),) = inbox.reports
+    assert event_type == 2
+    failed = {str(i.ReferencedSOPInstanceUID): int(i.FailureReason) for i in info.FailedSOPSequence}
+    assert failed == {unknown[1]: 0x0112, refs[1][1]: 0x0112}
+    assert [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [refs[0][1]]
+    reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+    assert reported[0].outcome is Outcome.WARNING
+    assert set(json.loads(reported[0].detail)["failed"]) == set(failed)
+
+
+def test_a_wrong_sop_class_is_a_class_instance_conflict(make_node, sample_files) -> None:
+    node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="127.0.0.1", port=1),))
+    sop_class, sop_uid = _stored(node, sample_files)[0]
+    inbox = ReportInbox()
+    request_commitment(node.port, [("1.2.840.10008.5.1.4.1.1.2", sop_uid)], inbox=inbox)
+    ((_, info, _),) = inbox.reports
+    assert int(info.FailedSOPSequence[0].FailureReason) == 0x0119
+
+
+def test_after_release_the_report_goes_to_the_configured_peer_address(make_node, sample_files) -> None:
+    listener, inbox, port = report_listener("ENDO_WS1")
+    try:
+        node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="127.0.0.1", port=port),))
+        refs = _stored(node, sample_files)
+        _, status = request_commitment(node.port, refs, stay_open=False)
+        assert status == 0x0000
+        assert inbox.arrived.wait(15), "no N-EVENT-REPORT on a new association"
+        ((event_type, info, via),) = inbox.reports
+        assert (event_type, via) == (1, "GASTROLENS")
+        reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+        assert json.loads(reported[0].detail)["via"] in ("new-association", "same-association")
+    finally:
+        listener.shutdown()
+
+
+def test_a_report_that_cannot_be_delivered_is_audited_as_failed(make_node, sample_files) -> None:
+    from support import free_port
+
+    node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="127.0.0.1", port=free_port()),))
+    for service in node.receiver.services:
+        if hasattr(service, "retry_seconds"):
+            service.retry_seconds = 0.05
+    refs = _stored(node, sample_files)
+    _, status = request_commitment(node.port, refs, stay_open=False)
+    assert status == 0x0000
+    reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+    assert reported[0].outcome is Outcome.FAILURE
+    assert json.loads(reported[0].detail)["delivered"] is False
+
+
+@pytest.mark.parametrize("peers", [(), (KnownPeer(ae_title="ENDO_WS1", host="h", port=1, storage_commitment=False),)])
+def test_only_configured_peers_may_ask(make_node, sample_files, peers) -> None:
+    node = make_node(peers=peers)
+    inbox = ReportInbox()
+    _, status = request_commitment(node.port, _refs(sample_files), inbox=inbox)
+    assert status == 0x0124
+    assert not inbox.reports
+    (refused,) = node.events(AuditEventType.COMMITMENT_REQUESTED)
+    assert refused.outcome is Outcome.FAILURE
+    assert json.loads(refused.detail)["status"] == "0x0124"
+
+
+def test_a_calling_ae_off_the_allow_list_is_rejected_like_for_c_store(make_node, sample_files) -> None:
+    node = make_node(allowed_calling_aets=("PACS",), peers=(KnownPeer(ae_title="ENDO_WS1", host="h", port=1),))
+    with pytest.raises(AssertionError, match="refused"):
+        request_commitment(node.port, _refs(sample_files))
+    assert node.events(AuditEventType.ASSOCIATION_REJECTED)
+
+
+def test_an_empty_request_is_an_invalid_argument(make_node) -> None:
+    node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="h", port=1),))
+    _, status = request_commitment(node.port, [])
+    assert status == 0x0115
+    (refused,) = node.events(AuditEventType.COMMITMENT_REQUESTED)
+    assert refused.outcome is Outcome.FAILURE
+
+
+def _wait_events(node: Node, event_type: AuditEventType, timeout: float = 15) -> list[AuditEvent]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = node.events(event_type)
+        if found:
+            return found
+        time.sleep(0.05)
+    pytest.fail(f"no {event_type.value} audit event within {timeout} s")

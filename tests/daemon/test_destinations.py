@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import func, select
 
@@ -98,7 +99,7 @@ def test_all_due_outputs_of_a_peer_go_over_one_association(make_stage, tiny_engi
     scp = start_storescp(tmp_path / "peer")
     try:
         stage = make_stage(destinations=[{"name": "pacs", "ae_title": scp.ae_title, "host": "127.0.0.1",
-                                          "port": scp.port}])
+                                          "port": scp.port, "associations": 1}])
         for seed in range(3):
             stage.receive(study_uid, seed=seed)
         InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
@@ -111,3 +112,39 @@ def test_all_due_outputs_of_a_peer_go_over_one_association(make_stage, tiny_engi
     assert attempts == outputs == sent >= 6
     assert len(scp.received()) == outputs
     assert scp.log.count("Association Received") - scp.log.count("Received Echo Request") == 1
+
+
+def test_a_peer_gets_several_associations_at_once_each_object_once(make_stage, tiny_engine, study_uid, tmp_path,
+                                                                    monkeypatch):
+    """``associations = 3``: the due objects are shared out over three associations; each
+    object is sent once, recorded once and audited once."""
+    import gastrolens.daemon.delivery as delivery_module
+
+    monkeypatch.setattr(delivery_module, "MIN_PER_ASSOCIATION", 2)
+    scp = start_storescp(tmp_path / "peer")
+    try:
+        stage = make_stage(destinations=[{"name": "pacs", "ae_title": scp.ae_title, "host": "127.0.0.1",
+                                          "port": scp.port, "associations": 3}])
+        for seed in range(3):
+            stage.receive(study_uid, seed=seed)
+        InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+        attempts = DeliveryStep(stage.settings, stage.db, stage.store, "w").run_once()
+    finally:
+        scp.stop()
+    with stage.db.session() as s:
+        outputs = set(s.scalars(select(Output.sop_instance_uid)))
+        rows = list(s.scalars(select(Delivery)))
+        sent_events = s.scalar(select(func.count()).select_from(AuditEvent)
+                               .where(AuditEvent.event_type == AuditEventType.DELIVERY_SENT))
+    assert attempts == len(outputs) == len(rows) == sent_events >= 6
+    assert all(r.state is DeliveryState.SENT and r.attempts == 1 and r.claimed_by is None for r in rows)
+    assert scp.log.count("Association Received") - scp.log.count("Received Echo Request") == 3
+    received = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in scp.received()]
+    assert sorted(received) == sorted(outputs)
+
+
+def test_associations_is_a_dicom_peer_setting_with_a_sane_range():
+    (peer,) = destinations({"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104})
+    assert isinstance(peer, DicomPeer) and peer.associations == 4
+    with pytest.raises(ValueError, match="associations"):
+        destinations({"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104, "associations": 0})

@@ -1,19 +1,26 @@
 """Delivery: every output goes to each destination, with exponential backoff, then ``dead``.
 
-For each destination the step claims the deliveries that are due, hands them to the
-destination's sender (one association carries them all) and records each result as it
-comes, before the next object goes, so a crash re-sends at most one object. What each
-result does to the delivery is :func:`gastrolens.db.transitions_delivery.record_delivery_attempt`.
+For each destination the step claims the deliveries that are due and hands them to the
+destination's sender: one association carries many objects, and a DICOM peer gets up to
+its ``associations`` at once (each carrying every n-th claim, so the oldest still go
+first; at least :data:`MIN_PER_ASSOCIATION` objects each), since one association spends
+most of its time waiting on the peer. Each association records each result as it comes,
+before its next object goes, so a crash re-sends at most one object per association (a
+re-sent object has the same SOP Instance UID: the peer replaces it). What each result does
+to the delivery is :func:`gastrolens.db.transitions_delivery.record_delivery_attempt`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from gastrolens import metrics
 from gastrolens.config import Settings
+from gastrolens.config.schema import Destination
 from gastrolens.daemon.destinations import Outgoing, sender_for
 from gastrolens.db import Database
 from gastrolens.db.queue import ClaimedDelivery, claim_deliveries
@@ -30,7 +37,9 @@ from gastrolens.storage.store import Store
 log = logging.getLogger(__name__)
 
 BATCH = 256
-"""The most deliveries one claim (and so one association) carries."""
+"""The most deliveries one claim (shared by a destination's associations) carries."""
+MIN_PER_ASSOCIATION = 8
+"""Fewer objects than this do not open another association (its set-up would cost more than it saves)."""
 
 
 class DeliveryStep:
@@ -54,14 +63,28 @@ class DeliveryStep:
                     claims = self._claim(now, destination=name)
                     if not claims:
                         break
-                    sender = sender_for(destination, self.settings)
-                    attempts += self._deliver(claims, sender.send(self._outgoing(claims)))
+                    attempts += self._send_all(destination, claims)
                     if len(claims) < BATCH:
                         break
             orphans = self._claim(now, unknown_to=list(self.destinations))
             gone = (permanent(f"destination {c.destination!r} is no longer configured") for c in orphans)
             attempts += self._deliver(orphans, gone)
         return attempts
+
+    def _send_all(self, destination: Destination, claims: Sequence[ClaimedDelivery]) -> int:
+        """Send ``claims`` over up to the destination's ``associations`` at once (each in a
+        thread, each claim in one of them); returns how many attempts were recorded."""
+        lanes = min(int(getattr(destination, "associations", 1)), math.ceil(len(claims) / MIN_PER_ASSOCIATION))
+        if lanes <= 1:
+            return self._lane(destination, claims)
+        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=f"deliver-{destination.name}") as pool:
+            with metrics.stage_cpu(metrics.Stage.DELIVER):
+                futures = [pool.submit(self._lane, destination, claims[lane::lanes]) for lane in range(lanes)]
+            return sum(future.result() for future in futures)  # every lane ends (and releases) before a raise
+
+    def _lane(self, destination: Destination, claims: Sequence[ClaimedDelivery]) -> int:
+        with metrics.stage_cpu(metrics.Stage.DELIVER):  # this thread's own CPU (the caller counts its own)
+            return self._deliver(claims, sender_for(destination, self.settings).send(self._outgoing(claims)))
 
     def _claim(self, now: datetime, *, destination: str | None = None,
                unknown_to: Sequence[str] | None = None) -> list[ClaimedDelivery]:

@@ -125,3 +125,39 @@ def test_statuses_become_outcomes(status, outcome):
     result = classify(status)
     assert result.outcome is outcome and result.status == status
     assert (result.reason is None) == (outcome is SendOutcome.SENT)
+
+
+def test_a_jpeg_overlay_goes_decompressed_to_a_peer_without_jpeg(tmp_path):
+    """A peer that takes no JPEG Baseline gets the lossy overlay as native RGB, still marked lossy."""
+    received = []
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    frame, _ = endoscopy_frame(48, 64, None, seed=1)
+    source = as_dicom(frame, sop_class=SECONDARY_CAPTURE, study_uid=generate_uid(), jpeg_quality=90)
+    from gastrolens.dicom_io.documents import jpeg
+
+    encoded = jpeg.encode_frames([frame])
+    source.PixelData, source.PhotometricInterpretation = encoded.pixel_data, "YBR_FULL_422"
+    source["PixelData"].VR = "OB"
+    source.file_meta.TransferSyntaxUID = jpeg.TRANSFER_SYNTAX
+    path = tmp_path / "overlay.dcm"
+    source.save_as(path, enforce_file_format=True)
+    ae = AE(ae_title="NOJPEG")
+    ae.add_supported_context(SECONDARY_CAPTURE, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        (result,) = send_files([(path, SECONDARY_CAPTURE)], DicomPeer(name="old", ae_title="NOJPEG",
+                                                                     host="127.0.0.1", port=port), "GASTROLENS")
+    finally:
+        server.shutdown()
+    assert result.outcome is SendOutcome.SENT
+    (got,) = received
+    assert got.PhotometricInterpretation == "RGB" and got.LossyImageCompression == "01"
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert abs(got.pixel_array.astype(int) - frame).mean() < 4

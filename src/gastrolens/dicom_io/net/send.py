@@ -6,25 +6,32 @@ file instead of decoding it into a Dataset and encoding it again, so each file i
 once and never parsed. That needs a presentation context in the file's own transfer
 syntax, so every SOP class is proposed once per syntax the writers store; a peer that
 accepts none of them gets the object decoded and converted to Implicit VR Little Endian
-(the only case that reads a file into a Dataset).
+(the only case that reads a file into a Dataset; a JPEG overlay is decompressed to RGB
+then, still marked lossy).
 
 This module only talks DICOM: it says what each attempt came to (sent, worth a retry,
-permanent) and the delivery state machine decides the rest.
+permanent) and the delivery state machine decides the rest. The CPU time of pynetdicom's
+own threads (the association's reactor and its DUL reader) is counted toward the
+``deliver`` stage when the association ends, beside the caller's.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from gastrolens import metrics
 from gastrolens.config.schema import DicomPeer
 from gastrolens.dicom_io.net.pynetdicom_private import send_files_as_stored
 from gastrolens.sending import SendResult, permanent, retry, sent
@@ -71,9 +78,25 @@ def send_files(files: Sequence[tuple[Path, str]], peer: DicomPeer, calling_ae: s
                 return
             yield _send_one(assoc, path)
     finally:
+        helpers = threads_cpu_seconds(assoc, assoc.dul)  # read while they run: a thread's clock ends with it
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+        metrics.add_stage_cpu(metrics.Stage.DELIVER, helpers)
+
+
+def threads_cpu_seconds(*threads: threading.Thread) -> float:
+    """CPU seconds the given running threads have used so far (0 for one not running)."""
+    total = 0.0
+    for thread in threads:
+        ident = thread.ident
+        if ident is None or not thread.is_alive():  # an ended thread's id may be another's now
+            continue
+        try:
+            total += time.clock_gettime(time.pthread_getcpuclockid(ident))
+        except OSError:  # the thread has ended: its clock is gone
+            continue
+    return total
 
 
 def _contexts(sop_classes: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -102,7 +125,7 @@ def _send_one(assoc: Association, path: Path) -> SendResult:
         try:
             status = assoc.send_c_store(path)  # the file's bytes as stored
         except ValueError:  # the peer accepted no context in the file's own syntax: convert
-            status = assoc.send_c_store(dcmread(path))
+            status = assoc.send_c_store(_uncompressed(path))
     except FileNotFoundError as exc:
         return permanent(f"output file missing: {exc}")
     except (InvalidDicomError, AttributeError) as exc:
@@ -113,6 +136,14 @@ def _send_one(assoc: Association, path: Path) -> SendResult:
         return retry(f"send failed: {exc}")
     code = int(status.Status) if status and "Status" in status else None
     return classify(code)
+
+
+def _uncompressed(path: Path) -> Dataset:
+    """The file as a Dataset pynetdicom can convert to any uncompressed syntax."""
+    ds = dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:  # a JPEG overlay, to a peer that takes no JPEG
+        ds.decompress()  # RGB, Explicit VR Little Endian; Lossy Image Compression stays 01
+    return ds
 
 
 def classify(code: int | None) -> SendResult:

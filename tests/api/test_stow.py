@@ -284,3 +284,15 @@ def test_without_an_ingest_stow_is_503(node: StowNode, tmp_path: Path) -> None:
         assert answer.status_code == 503
     finally:
         server.stop()
+
+
+def test_a_part_without_preamble_is_stored_as_a_part10_file(node: StowNode) -> None:
+    ds = instance(generate_uid())
+    bare = part10(ds)[132:]  # File Meta Information first, as dicomweb-client sends it
+    assert bare[:2] == b"\x02\x00"
+
+    answer = node.post([bare])
+
+    assert answer.status_code == 200, answer.text
+    row = next(r for r in node.instances() if r.sop_instance_uid == ds.SOPInstanceUID)
+    assert node.store.absolute(row.file_path).read_bytes() == bytes(128) + b"DICM" + bare

@@ -14,6 +14,11 @@ The audit trail names the sender ``dicomweb:<token name>@<address>``; instance r
 carry ``STOW-RS`` where a C-STORE's carry the calling AE title. An instance of another
 study than the one addressed is quarantined (0xA900), and so is a SOP class that
 ``[dicom] accepted_sop_classes`` does not list (0x0122), as C-STORE would refuse it.
+
+A part that starts with its File Meta Information but without the 128-byte preamble and
+``DICM`` (``dicomweb-client`` and pydicom's ``dcmwrite`` without ``enforce_file_format``
+send them so) gets an empty preamble in front, so that every stored file is a Part 10
+file; its data set and meta are kept byte for byte.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from gastrolens.storage.store import INCOMING
 
 log = logging.getLogger(__name__)
 
+PART10_PREFIX = bytes(128) + b"DICM"
 SOURCE = "STOW-RS"
 """What an instance row records where a C-STORE's records the calling AE title."""
 
@@ -128,7 +134,14 @@ def _spool(request: Request, ctx: ApiContext) -> SpooledParts:
 def _ingest_all(ingest: Ingest, body: SpooledParts, facts: RequestFacts, study: str | None,
                 accepted: frozenset[str]) -> list[IngestOutcome]:
     """Each part through the ingest, in order; the ingest answers and audits every one."""
-    return [_ingest_one(ingest, body.read(part), facts, study, accepted) for part in body.parts]
+    return [_ingest_one(ingest, as_part10(body.read(part)), facts, study, accepted) for part in body.parts]
+
+
+def as_part10(data: bytes) -> bytes:
+    """``data`` with the preamble and ``DICM`` prefix when it starts with a bare group 0002 element."""
+    if data[128:132] != PART10_PREFIX[128:] and data[:2] == b"\x02\x00":
+        return PART10_PREFIX + data
+    return data
 
 
 def _ingest_one(ingest: Ingest, data: bytes, facts: RequestFacts, study: str | None,

@@ -98,6 +98,11 @@ class ReceiverPool:
         return self._port
 
     @property
+    def write_lock(self) -> Any:
+        """The processes' shared SQLite write lock, for another ingest in the daemon (STOW-RS)."""
+        return self._write_lock
+
+    @property
     def listening(self) -> bool:
         return self._listener is not None and bool(self._processes) and all(p.is_alive() for p in self._processes)
 

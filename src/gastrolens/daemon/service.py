@@ -82,6 +82,7 @@ class Service:
             )
             self.receiver = Receiver(settings.dicom, self.ingest,
                                      services=dicom_services(settings, self.db, self.store, write_lock))
+        self.stow_ingest = self._stow_ingest()
         self.scheduler = Scheduler()
         self.engine: Engine | None = None
         self.inference: InferenceStep | None = None
@@ -93,6 +94,21 @@ class Service:
         self._stop_reason: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def _stow_ingest(self) -> DatabaseIngest | None:
+        """Where STOW-RS requests to this process's API go: the C-STORE ingest of this process, or,
+        beside receiver processes, one sharing their SQLite write lock. A worker stores nothing."""
+        if not self.settings.api.enabled or not self.role.receives:
+            return None
+        if self.ingest is not None:
+            return self.ingest
+        sqlite = self.db.engine.dialect.name == "sqlite"
+        return DatabaseIngest(
+            self.store,
+            self.db,
+            on_stored=self._count_stored,
+            write_lock=self.receiver.write_lock if sqlite and isinstance(self.receiver, ReceiverPool) else None,
+        )
 
     def start(self) -> None:
         if self.settings.daemon.migrate_on_start:
@@ -107,7 +123,8 @@ class Service:
             self.scheduler.start()
         if self.settings.api.enabled:
             self.api = ApiServer(
-                self.settings, self.db, store_root=self.settings.storage.root, health_probe=self.health
+                self.settings, self.db, store_root=self.settings.storage.root, health_probe=self.health,
+                ingest=self.stow_ingest,
             )
             self.api.start()
             log.info("HTTP API and dashboard on %s", self.api.url)
@@ -165,10 +182,12 @@ class Service:
     def stop(self) -> None:
         if self.receiver is not None:
             self.receiver.stop()
+        if self.api is not None:
+            self.api.stop()  # before the ingest closes: in-flight STOW-RS requests finish
         if self.ingest is not None:
             self.ingest.close()
-        if self.api is not None:
-            self.api.stop()
+        if self.stow_ingest is not None and self.stow_ingest is not self.ingest:
+            self.stow_ingest.close()
         self.scheduler.shutdown()
         if self.inference is not None:
             self.inference.close()

@@ -83,6 +83,12 @@ _QUEUED = (InstanceState.RECEIVED, InstanceState.CLAIMED)
 _ACTIVE_DELIVERY = (DeliveryState.PENDING, DeliveryState.RETRYING)
 
 
+def study_match(flt: StudyFilter) -> ColumnElement[bool]:
+    """``flt`` as one condition on ``Study``, for other read-side queries (Query/Retrieve)."""
+    stmt, _ = _filtered(flt)
+    return Study.id.in_(stmt.with_only_columns(Study.id))
+
+
 def _count_if(condition: ColumnElement[bool]) -> ColumnElement[Any]:
     return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 

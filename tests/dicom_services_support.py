@@ -3,18 +3,79 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from sqlalchemy import select
 
+from gastrolens.config.schema import DicomSettings
+from gastrolens.daemon.dicom_services import dicom_services
+from gastrolens.daemon.ingest import DatabaseIngest
+from gastrolens.db import Database
+from gastrolens.db.states import AuditEventType
+from gastrolens.db.tables import AuditEvent
+from gastrolens.dicom_io.net.receiver import Receiver
 from gastrolens.dicom_io.net.services import (
     MODALITY_PERFORMED_PROCEDURE_STEP,
     STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
 )
+from gastrolens.storage.store import Store
+
+
+class Node:
+    def __init__(self, receiver: Receiver, db: Database, store: Store, ingest: DatabaseIngest) -> None:
+        self.receiver, self.db, self.store, self.ingest = receiver, db, store, ingest
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def events(self, event_type: AuditEventType) -> list[AuditEvent]:
+        with self.db.read_session() as session:
+            return list(session.scalars(select(AuditEvent).where(AuditEvent.event_type == event_type)
+                                        .order_by(AuditEvent.id)))
+
+
+@pytest.fixture
+def make_node(db_url: str, tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    from gastrolens.config import Settings
+
+    nodes: list[Node] = []
+
+    def make(**dicom: object) -> Node:
+        db = Database(db_url)
+        db.upgrade()
+        store = Store(tmp_path / "storage", fsync=True, min_free_mb=0)
+        ingest = DatabaseIngest(store, db)
+        settings = Settings(dicom=DicomSettings(port=0, **dicom))  # type: ignore[arg-type]
+        receiver = Receiver(settings.dicom, ingest, services=dicom_services(settings, db, store))
+        receiver.start()
+        nodes.append(Node(receiver, db, store, ingest))
+        return nodes[-1]
+
+    yield make
+    for node in nodes:
+        node.receiver.stop(drain_seconds=5)
+        node.ingest.close()
+        node.db.dispose()
+
+
+def wait_events(node: Node, event_type: AuditEventType, timeout: float = 15) -> list[AuditEvent]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = node.events(event_type)
+        if found:
+            return found
+        time.sleep(0.05)
+    pytest.fail(f"no {event_type.value} audit event within {timeout} s")
 
 
 def mpps_create(study_uid: str, *, leave_out: Sequence[str] = (), status: str = "IN PROGRESS") -> Dataset:

@@ -3,62 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import select
 
-from dicom_services_support import ReportInbox, report_listener, request_commitment
-from gastrolens.config.schema import DicomSettings, KnownPeer
-from gastrolens.daemon.dicom_services import dicom_services
-from gastrolens.daemon.ingest import DatabaseIngest
-from gastrolens.db import Database
+from dicom_services_support import Node, ReportInbox, make_node, report_listener, request_commitment, wait_events
+from gastrolens.config.schema import KnownPeer
 from gastrolens.db.states import AuditEventType, Outcome
-from gastrolens.db.tables import AuditEvent
-from gastrolens.dicom_io.net.receiver import Receiver
-from gastrolens.storage.store import Store
 from support import storescu
 
-
-class Node:
-    def __init__(self, receiver: Receiver, db: Database, store: Store, ingest: DatabaseIngest) -> None:
-        self.receiver, self.db, self.store, self.ingest = receiver, db, store, ingest
-
-    @property
-    def port(self) -> int:
-        return self.receiver.port
-
-    def events(self, event_type: AuditEventType) -> list[AuditEvent]:
-        with self.db.read_session() as session:
-            return list(session.scalars(select(AuditEvent).where(AuditEvent.event_type == event_type)
-                                        .order_by(AuditEvent.id)))
-
-
-@pytest.fixture
-def make_node(db_url: str, tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    from gastrolens.config import Settings
-
-    nodes: list[Node] = []
-
-    def make(**dicom: object) -> Node:
-        db = Database(db_url)
-        db.upgrade()
-        store = Store(tmp_path / "storage", fsync=True, min_free_mb=0)
-        ingest = DatabaseIngest(store, db)
-        settings = Settings(dicom=DicomSettings(port=0, **dicom))  # type: ignore[arg-type]
-        receiver = Receiver(settings.dicom, ingest, services=dicom_services(settings, db, store))
-        receiver.start()
-        nodes.append(Node(receiver, db, store, ingest))
-        return nodes[-1]
-
-    yield make
-    for node in nodes:
-        node.receiver.stop(drain_seconds=5)
-        node.ingest.close()
-        node.db.dispose()
+__all__ = ["make_node"]  # the fixture
 
 
 def _refs(files: dict[str, Path]) -> list[tuple[str, str]]:
@@ -84,7 +40,7 @@ def test_held_instances_are_committed_on_the_same_association(make_node, sample_
     assert sorted(str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence) == sorted(u for _, u in refs)
     assert "FailedSOPSequence" not in info
     assert node.events(AuditEventType.COMMITMENT_REQUESTED)[0].outcome is Outcome.SUCCESS
-    reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+    reported = wait_events(node, AuditEventType.COMMITMENT_REPORTED)
     assert json.loads(reported[0].detail)["via"] == "same-association"
 
 
@@ -103,7 +59,7 @@ def test_an_instance_never_received_or_gone_from_the_store_fails(make_node, samp
     failed = {str(i.ReferencedSOPInstanceUID): int(i.FailureReason) for i in info.FailedSOPSequence}
     assert failed == {unknown[1]: 0x0112, refs[1][1]: 0x0112}
     assert [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [refs[0][1]]
-    reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+    reported = wait_events(node, AuditEventType.COMMITMENT_REPORTED)
     assert reported[0].outcome is Outcome.WARNING
     assert set(json.loads(reported[0].detail)["failed"]) == set(failed)
 
@@ -127,7 +83,7 @@ def test_after_release_the_report_goes_to_the_configured_peer_address(make_node,
         assert inbox.arrived.wait(15), "no N-EVENT-REPORT on a new association"
         ((event_type, info, via),) = inbox.reports
         assert (event_type, via) == (1, "GASTROLENS")
-        reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+        reported = wait_events(node, AuditEventType.COMMITMENT_REPORTED)
         assert json.loads(reported[0].detail)["via"] in ("new-association", "same-association")
     finally:
         listener.shutdown()
@@ -143,7 +99,7 @@ def test_a_report_that_cannot_be_delivered_is_audited_as_failed(make_node, sampl
     refs = _stored(node, sample_files)
     _, status = request_commitment(node.port, refs, stay_open=False)
     assert status == 0x0000
-    reported = _wait_events(node, AuditEventType.COMMITMENT_REPORTED)
+    reported = wait_events(node, AuditEventType.COMMITMENT_REPORTED)
     assert reported[0].outcome is Outcome.FAILURE
     assert json.loads(reported[0].detail)["delivered"] is False
 
@@ -173,15 +129,3 @@ def test_an_empty_request_is_an_invalid_argument(make_node) -> None:
     assert status == 0x0115
     (refused,) = node.events(AuditEventType.COMMITMENT_REQUESTED)
     assert refused.outcome is Outcome.FAILURE
-
-
-def _wait_events(node: Node, event_type: AuditEventType, timeout: float = 15) -> list[AuditEvent]:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = node.events(event_type)
-        if found:
-            return found
-        time.sleep(0.05)
-    pytest.fail(f"no {event_type.value} audit event within {timeout} s")

@@ -1,13 +1,18 @@
 """Two `gastrolens serve` processes on one PostgreSQL database and one storage root.
 
 All images go to process A; both processes claim from the shared queue (FOR UPDATE SKIP
-LOCKED). Every image is processed exactly once, whoever took it.
+LOCKED). Every image is processed exactly once, whoever took it; study completion writes each
+study SR revision once and delivery sends each output once. Retention then runs in two workers
+at the same moment: each row is retired, and each file removed, exactly once.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 from collections import Counter
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -86,5 +91,55 @@ def test_two_processes_share_the_queue_and_process_each_image_once(tmp_path, pos
 
         assert view.audit_intact()
         assert a.stop() == 0 and b.stop() == 0, logs()
+
+        retention_in_two_workers_at_once(a.config, postgres_url, len(files) + len(outputs))
+        assert view.audit_intact()
     finally:
         view.close()
+
+
+def retention_in_two_workers_at_once(config: Path, url: str, rows: int) -> None:
+    """Two retention passes started together 40 days on: every row retired once, every file gone once."""
+    from gastrolens.config import load_settings
+    from gastrolens.config.schema import RetentionSettings
+    from gastrolens.daemon.retention import RetentionStep
+    from gastrolens.db import Database
+    from gastrolens.db.tables import utcnow
+    from gastrolens.storage.store import INSTANCES, OUTPUTS, Store
+
+    settings = load_settings(config, environ={})
+    settings = settings.model_copy(update={"retention": RetentionSettings(enabled=True, days=30)})
+    root = settings.storage.root
+    databases = [Database(url), Database(url)]
+    steps = [RetentionStep(settings, db, Store(root), f"retention-{i}") for i, db in enumerate(databases)]
+    later = utcnow() + timedelta(days=40)
+    start = threading.Barrier(len(steps))
+    removed: list[int] = [0] * len(steps)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            start.wait(timeout=30)
+            removed[index] = steps[index].run_once(now=later)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(steps))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for db in databases:
+        db.dispose()
+    assert not errors, errors
+    assert sum(removed) == rows, f"removals per worker {removed}, rows {rows}"
+    view = DatabaseView(url)
+    try:
+        events = [detail(e) for e in view.events(AuditEventType.RETENTION_REMOVED)]
+    finally:
+        view.close()
+    per_row = Counter((e["kind"], e["id"]) for e in events)
+    assert len(per_row) == rows and set(per_row.values()) == {1}, f"retired twice: {per_row.most_common(3)}"
+    left = [p for area in (INSTANCES, OUTPUTS) for p in (root / area).rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    assert left == [], left[:5]

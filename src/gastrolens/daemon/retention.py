@@ -10,6 +10,11 @@ transaction, and only then are its files deleted. A crash between the two leaves
 that no live row refers to, never a row that points at a missing file; the orphan sweep
 at the end of every pass removes such files once they are older than the retention age
 (the age also spares a file the receiver wrote a moment before its row commits).
+
+Many workers share one database and storage root: one pass runs at a time, in whichever
+worker takes the node-wide ``retention`` lock (:func:`gastrolens.db.locks.exclusive`); the
+others skip that pass. Without it two passes would both retire (and audit) the same rows
+and both sweep the same orphaned files.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from gastrolens.config import Settings
 from gastrolens.db import Database, audit
+from gastrolens.db.locks import exclusive
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState, Outcome
 from gastrolens.db.tables import Delivery, Instance, Output, utcnow
 from gastrolens.storage.store import INSTANCES, OUTPUTS, Store
@@ -55,7 +61,13 @@ class RetentionStep:
         """
         if not self.settings.retention.enabled:
             return 0
-        at = utcnow() if now is None else _as_utc(now)
+        with exclusive(self.db, "retention") as mine:
+            if not mine:
+                log.info("retention: another worker is running a pass; skipping this one")
+                return 0
+            return self._pass(utcnow() if now is None else _as_utc(now))
+
+    def _pass(self, at: datetime) -> int:
         cutoff = at - timedelta(days=self.settings.retention.days)
         retired = 0
         while True:

@@ -101,7 +101,7 @@ def stow_node(url: str, storage: Path, **api: object) -> Iterator[StowNode]:
     db = Database(url)
     db.upgrade()
     store = Store(storage, fsync=True, min_free_mb=1)
-    ingest = DatabaseIngest(store, db, write_lock=threading.Lock())
+    ingest = DatabaseIngest(store, db, write_lock=threading.Lock() if url.startswith("sqlite") else None)
     server = ApiServer(settings, db, store_root=storage, ingest=ingest)
     server.start()
     try:

@@ -17,6 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from gastrolens.db.states import AuditEventType, InstanceState, Outcome
+from support import postgres_schema
 
 from .stow_node import (
     AUDITOR,
@@ -45,11 +46,15 @@ from .stow_node import (
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StowNode]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StowNode]:
     folder = tmp_path_factory.mktemp("stow")
-    with stow_node(f"sqlite:///{folder / 'gastrolens.db'}", folder / "storage") as made:
-        yield made
+    if request.param == "sqlite":
+        with stow_node(f"sqlite:///{folder / 'gastrolens.db'}", folder / "storage") as made:
+            yield made
+    else:
+        with postgres_schema() as url, stow_node(url, folder / "storage") as made:
+            yield made
 
 
 @pytest.fixture

@@ -311,15 +311,10 @@ def write_study_sr(
 
 def _mark_partial(sr: Dataset, notes: Sequence[str]) -> None:
     """Append each note as a TEXT Comment (121106, DCM) to the root and flag the SR PARTIAL."""
+    comment = hd.sr.CodedConcept("121106", "DCM", "Comment")
     for note in notes:
-        item = Dataset()
-        item.RelationshipType = "CONTAINS"
-        item.ValueType = "TEXT"
-        concept = Dataset()
-        concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "121106", "DCM", "Comment"
-        item.ConceptNameCodeSequence = [concept]
-        item.TextValue = note
-        sr.ContentSequence.append(item)
+        sr.ContentSequence.append(
+            hd.sr.TextContentItem(name=comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     sr.CompletionFlag = "PARTIAL"
     sr.CompletionFlagDescription = notes[0][:64]
 

@@ -13,7 +13,10 @@ the caller, pynetdicom's association thread, the database), of which the databas
 (claim, one transaction per object recording the peer's answer), and objects/s.
 Prints figures; never a test.
 
-    .venv/bin/python bench/delivery.py [--count 150] [--fsync]
+The DICOM peer runs are made with ``--associations`` (default: 1, 2 (the default of
+``[[destinations]] associations``) and 4, each printed on its own line.
+
+    .venv/bin/python bench/delivery.py [--count 150] [--fsync] [--associations 1 2 4]
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=150, help="objects to deliver per run (default 150)")
     parser.add_argument("--fsync", action="store_true", help="fsync the folder copies (default: off; the SQLite "
                         "database always syncs, as the daemon's does)")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 2, 4],
+                        help="associations to the DICOM peer at once, one run per value (default: 1 2 4)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="gastrolens-bench-delivery-"))
     try:
@@ -48,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [p.stat().st_size for p, *_ in outputs]
         print(f"built {len(outputs)} outputs from {sources} images in {time.perf_counter() - started:.1f} s, "
               f"{sum(sizes) / len(sizes) / 1024:.0f} KiB per object on average")
-        for label, mode in (("DICOM peer, sent as stored", "stored"),
-                            ("DICOM peer, decoded + encoded (before)", "decoded"),
-                            ("folder", "folder")):
-            run(work, outputs, label, mode, fsync=args.fsync)
+        runs = [(f"DICOM peer, as stored, {n} assoc.", "stored", n) for n in args.associations]
+        runs += [("DICOM peer, decoded + encoded, 1 assoc.", "decoded", 1), ("folder", "folder", 1)]
+        for label, mode, associations in runs:
+            run(work, outputs, label, mode, fsync=args.fsync, associations=associations)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -82,7 +87,8 @@ def build_outputs(root: Path, sources: int) -> list[tuple[Path, str, str, str, s
     return written
 
 
-def run(work: Path, outputs: list[tuple[Path, str, str, str, str]], label: str, mode: str, *, fsync: bool) -> None:
+def run(work: Path, outputs: list[tuple[Path, str, str, str, str]], label: str, mode: str, *, fsync: bool,
+        associations: int = 1) -> None:
     from pynetdicom import _config
     from sqlalchemy import func, select
 
@@ -94,9 +100,9 @@ def run(work: Path, outputs: list[tuple[Path, str, str, str, str]], label: str, 
     from gastrolens.db.tables import Delivery
     from gastrolens.storage.store import Store
 
-    folder = work / f"peer-{mode}"
+    folder = work / f"peer-{mode}-{associations}"
     folder.mkdir()
-    db_url = f"sqlite:///{work / f'{mode}.db'}"
+    db_url = f"sqlite:///{work / f'{mode}-{associations}.db'}"
     destination: dict[str, object]
     peer = None
     if mode == "folder":
@@ -107,7 +113,8 @@ def run(work: Path, outputs: list[tuple[Path, str, str, str, str]], label: str, 
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "TCP_NODELAY": "1"})
         wait_for_port(port)
-        destination = {"name": "dest", "ae_title": "PEER", "host": "127.0.0.1", "port": port}
+        destination = {"name": "dest", "ae_title": "PEER", "host": "127.0.0.1", "port": port,
+                       "associations": associations}
     settings = Settings.model_validate({"storage": {"root": str(work / "storage"), "fsync": fsync},
                                         "database": {"url": db_url}, "destinations": [destination]})
     db = Database(db_url)

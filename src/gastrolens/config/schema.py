@@ -280,7 +280,7 @@ class DicomPeer(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     tls: DestinationTLS = DestinationTLS()
-    associations: int = Field(4, ge=1, le=32)
+    associations: int = Field(2, ge=1, le=32)
     """Associations delivery opens to this peer at once, each carrying its share of the due
     objects (one waits on the peer most of the time); 1: one at a time, strictly oldest first."""
 

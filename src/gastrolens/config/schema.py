@@ -446,6 +446,10 @@ class APISettings(_Section):
     open_metrics: bool = False
     """/metrics without a token."""
     tokens: tuple[APIToken, ...] = ()
+    stow_max_body_bytes: int = Field(2 * 1024**3, ge=1)
+    """A STOW-RS request body larger than this is refused (413) before anything is stored."""
+    stow_max_parts: int = Field(1000, ge=1)
+    """A STOW-RS request with more parts (instances) than this is refused (413) before anything is stored."""
 
 
 class LoggingSettings(_Section):
@@ -509,7 +513,3 @@ class Settings(_Section):
     def destination_kinds(self) -> dict[str, str]:
         """Each configured destination's name with its kind (dicom, folder, dicomweb, hl7)."""
         return {d.name: d.kind for d in self.destinations}
-    stow_max_body_bytes: int = Field(2 * 1024**3, ge=1)
-    """A STOW-RS request body larger than this is refused (413) before anything is stored."""
-    stow_max_parts: int = Field(1000, ge=1)
-    """A STOW-RS request with more parts (instances) than this is refused (413) before anything is stored."""

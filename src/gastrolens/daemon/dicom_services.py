@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from gastrolens.config import Settings
+from gastrolens.daemon.query_retrieve import DatabaseCatalog
 from gastrolens.db import Database
 from gastrolens.db.states import Outcome, ProcedureStepStatus
 from gastrolens.db.tables import utcnow
@@ -27,6 +28,7 @@ from gastrolens.db.transitions_services import (
 )
 from gastrolens.dicom_io.net.commitment import CommitmentReport, CommitmentRequest, StorageCommitmentSCP
 from gastrolens.dicom_io.net.mpps import ProcedureStepSCP, StepAnswer, StepRequest
+from gastrolens.dicom_io.net.query_retrieve import QueryRetrieve
 from gastrolens.dicom_io.net.services import STATUS_NO_SUCH_OBJECT, DicomService
 from gastrolens.errors import GastroLensError
 from gastrolens.storage.store import Store
@@ -38,12 +40,13 @@ CLASS_INSTANCE_CONFLICT = 0x0119
 
 def dicom_services(settings: Settings, db: Database, store: Store,
                    write_lock: AbstractContextManager[Any] | None = None) -> list[DicomService]:
-    """Storage commitment and MPPS, for one receiver (process)."""
+    """Storage commitment, MPPS and Query/Retrieve, for one receiver (process)."""
     lock: AbstractContextManager[Any] = write_lock if write_lock is not None else nullcontext()
     return [
         StorageCommitmentSCP(settings.dicom.ae_title, settings.dicom.peer, DatabaseCommitmentBook(db, store, lock),
                              timeout_seconds=settings.dicom.network_timeout_seconds),
         ProcedureStepSCP(DatabaseStepBook(db, lock)),
+        QueryRetrieve(settings.dicom, DatabaseCatalog(db, store, write_lock=lock)),
     ]
 
 

@@ -27,6 +27,7 @@ from gastrolens import metrics
 from gastrolens.config.schema import DicomSettings
 from gastrolens.dicom_io.net import pynetdicom_private
 from gastrolens.dicom_io.net.connections import ConnectionWatch
+from gastrolens.dicom_io.net.query_retrieve import QueryRetrieve
 from gastrolens.dicom_io.net.received import (
     STATUS_SUCCESS,
     Ingest,
@@ -107,6 +108,7 @@ class Receiver:
         self.settings = settings
         self.ingest = ingest
         self.services = tuple(services)
+        self._storable = frozenset(settings.accepted_sop_classes)
         self.handoff = handoff
         self.on_connection_end = on_connection_end
         self.node_associations = node_associations
@@ -127,6 +129,8 @@ class Receiver:
         for service in self.services:  # storage commitment, MPPS...: see dicom_io.net.services
             for sop_class in service.sop_classes:
                 ae.add_supported_context(sop_class)
+            if isinstance(service, QueryRetrieve):  # C-GET sends back on storage contexts (role selection)
+                service.add_storage_roles(ae)
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.network_timeout = self.settings.network_timeout_seconds
@@ -296,6 +300,7 @@ class Receiver:
                     peer_address=facts.peer_address,
                     negotiated_sop_class=str(event.context.abstract_syntax),
                     requested_sop_uid=facts.requested_sop_uid,
+                    accepted_sop_classes=self._storable,  # output classes are negotiated for C-GET only
                 )
                 return self.ingest.ingest(received).status
             except Exception as exc:  # the last-resort guard: answer and audit, never raise

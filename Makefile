@@ -1,6 +1,7 @@
 # GastroLens: `make run` starts the daemon on the embedded default, `make test` runs the suite.
 # Both create .venv and install the Debian tools the tests use when they are missing.
 # `make check` lints (ruff) and type-checks (mypy); `make test` runs it first (CI runs `make test`).
+# `make test-deploy`: the container image and Kubernetes manifests run with podman (CI runs it after `make test`).
 # `make test-fast`: the suite without the subprocess daemon, real peers (DCMTK, Orthanc,
 # Chromium), PostgreSQL and training runs, for the edit-test loop; markers are set in tests/conftest.py.
 
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast check bootstrap debian-tools demo bench clean
+.PHONY: run test test-fast test-deploy check bootstrap debian-tools demo bench clean
 
 bootstrap: $(STAMP) debian-tools
 
@@ -36,6 +37,12 @@ check: $(STAMP)
 
 test: bootstrap check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The container image and the Kubernetes manifests with real containers (podman kube play): builds the
+# image (cached layers), receiver x1 + worker x2 on this machine's PostgreSQL; about 5-15 min. CI runs it after `make test`.
+test-deploy: bootstrap
+	@bash scripts/bootstrap-deploy.sh
+	$(BIN)/python -m pytest -m deploy tests/deploy/test_containers.py -s $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not postgres and not daemon and not peer and not trains" $(PYTEST_ARGS)

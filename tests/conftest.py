@@ -3,7 +3,8 @@
 The collection hook below marks tests by what they use, so no test file has to say it:
 ``postgres`` (a PostgreSQL parameter or fixture), ``daemon`` (`gastrolens serve` in a
 subprocess), ``peer`` (DCMTK, Orthanc, Chromium) and ``trains`` (training epochs).
-``make test-fast`` leaves those four out.
+``make test-fast`` leaves those four out. Tests marked ``deploy`` (real containers, minutes of
+image building) are skipped unless the marker expression names them: ``make test-deploy``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.peer)
         if item.path.name in _TRAINING_MODULES and "training" in parts:
             item.add_marker(pytest.mark.trains)
+        if item.get_closest_marker("deploy") and "deploy" not in (config.option.markexpr or ""):
+            item.add_marker(pytest.mark.skip(reason="container tests: make test-deploy (pytest -m deploy) runs them"))
         params = item.callspec.params.values() if hasattr(item, "callspec") else ()
         if fixtures & _POSTGRES_FIXTURES or any(isinstance(v, str) and v == "postgresql" for v in params):
             item.add_marker(pytest.mark.postgres)

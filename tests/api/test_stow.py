@@ -87,6 +87,9 @@ def test_instances_of_two_studies_are_stored_durably_recorded_and_audited(
     referenced = sequence(answer, REFERENCED_SOP_SEQUENCE)
     assert [value(item, SOP_INSTANCE) for item in referenced] == [ds.SOPInstanceUID for ds in sent]
     assert [value(item, SOP_CLASS) for item in referenced] == [ds.SOPClassUID for ds in sent]
+    assert [value(item, "00081190") for item in referenced] == [
+        f"{node.url}/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        for ds in sent], "WADO-RS Retrieve URLs, from the request's Host (no [api] public_url)"
 
     rows = {row.sop_instance_uid: row for row in node.instances()}
     fsynced_inodes = {inode for inode, _ in fsynced}
@@ -170,6 +173,7 @@ def test_an_instance_of_another_study_than_addressed_fails(node: StowNode) -> No
     failed = sequence(answer, FAILED_SOP_SEQUENCE)
     assert [(value(i, SOP_INSTANCE), value(i, FAILURE_REASON)) for i in failed] == [(stray.SOPInstanceUID, 0xA900)]
     assert stray.SOPInstanceUID not in {r.sop_instance_uid for r in node.instances()}
+    assert answer.json()["00081190"]["Value"] == [f"{node.url}/dicomweb/studies/{addressed}"]
     quarantine = node.quarantined()[-1]
     assert quarantine.sop_instance_uid == stray.SOPInstanceUID and addressed in quarantine.reason
     assert other in quarantine.reason

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from gastrolens import __version__
-from gastrolens.api import dashboard, routes_data, routes_ops, stow
+from gastrolens.api import dashboard, dicomweb, routes_data, routes_ops, stow
 from gastrolens.api.context import ApiContext, ApiError, HealthProbe
 from gastrolens.api.scrape import app_registry
 from gastrolens.config import Settings
@@ -60,6 +60,7 @@ def create_app(settings: Settings, db: Database, store_root: Path | None = None,
     app.include_router(routes_data.router)
     app.include_router(routes_ops.router)
     app.include_router(stow.router)
+    app.include_router(dicomweb.router)
     app.include_router(dashboard.router)
     _add_error_handlers(app)
     _add_access_log(app, settings.logging.patient_details)

@@ -37,7 +37,7 @@ from gastrolens.api.auth import Principal, Role
 from gastrolens.api.context import ApiContext, ApiError, authorize, context_of
 from gastrolens.api.multipart import BodyError, SpooledParts, boundary_of
 from gastrolens.api.routes_data import Credentials
-from gastrolens.api.stow_response import DICOM_JSON, DICOM_XML, build_response, to_xml, wants_xml
+from gastrolens.api.stow_response import DICOM_JSON, DICOM_XML, build_response, dicomweb_root, to_xml, wants_xml
 from gastrolens.db import audit
 from gastrolens.db.filters import check_uid
 from gastrolens.db.states import AuditEventType, Outcome
@@ -111,7 +111,8 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
     except BodyError as exc:
         await run_in_threadpool(_audit_refusal, ctx, facts, study, exc.status, exc.message)
         raise ApiError(exc.status, exc.message) from exc
-    answer = build_response(outcomes)
+    root = dicomweb_root(ctx.settings.api.public_url, str(request.base_url))
+    answer = build_response(outcomes, base_url=root, study=study)
     failed = len(answer.dataset.FailedSOPSequence)
     log.info("STOW-RS from %s: %d part(s), %d stored, %d failed", facts.actor, len(parts), len(parts) - failed,
              failed)

@@ -2,8 +2,9 @@
 
 One data set: Referenced SOP Sequence (0008,1199) for what is stored, Failed SOP
 Sequence (0008,1198) with a Failure Reason (0008,1197) for what is not (the same
-status a C-STORE peer would get: 0xA700, 0xA900, 0xC000, 0x0122), and, when the request
-addressed a study, its Retrieve URL (0008,1190). The HTTP status follows PS3.18: 200
+status a C-STORE peer would get: 0xA700, 0xA900, 0xC000, 0x0122), and Retrieve URLs
+(0008,1190): each stored instance's WADO-RS URL, and the study's when the request
+addressed one. The HTTP status follows PS3.18: 200
 when everything was stored, 202 when some failed, 409 when all failed.
 """
 
@@ -29,11 +30,15 @@ class StowResponse:
     dataset: Dataset
 
 
-def build_response(outcomes: Sequence[IngestOutcome], *, retrieve_url: str | None = None) -> StowResponse:
-    """The response data set and HTTP status for the outcomes of a request's parts, in order."""
+def build_response(outcomes: Sequence[IngestOutcome], *, base_url: str | None = None,
+                   study: str | None = None) -> StowResponse:
+    """The response data set and HTTP status for the outcomes of a request's parts, in order.
+
+    ``base_url``: the WADO-RS root (``.../dicomweb``) the Retrieve URLs start with; None: no URLs.
+    """
     response = Dataset()
-    if retrieve_url is not None:
-        response.RetrieveURL = retrieve_url
+    if base_url is not None and study is not None:
+        response.RetrieveURL = f"{base_url}/studies/{study}"
     stored, failed = [], []
     for outcome in outcomes:
         item = Dataset()
@@ -42,6 +47,9 @@ def build_response(outcomes: Sequence[IngestOutcome], *, retrieve_url: str | Non
         if outcome.sop_instance_uid:
             item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
         if outcome.result in STORED_RESULTS:
+            if base_url is not None and outcome.study_uid and outcome.series_uid and outcome.sop_instance_uid:
+                item.RetrieveURL = (f"{base_url}/studies/{outcome.study_uid}/series/{outcome.series_uid}"
+                                    f"/instances/{outcome.sop_instance_uid}")
             stored.append(item)
         else:
             item.FailureReason = outcome.status
@@ -50,6 +58,11 @@ def build_response(outcomes: Sequence[IngestOutcome], *, retrieve_url: str | Non
     response.ReferencedSOPSequence = stored
     status = 200 if not failed else 202 if stored else 409
     return StowResponse(status, response)
+
+
+def dicomweb_root(public_url: str, request_base_url: str) -> str:
+    """The DICOMweb root Retrieve URLs start with: ``[api] public_url`` if set, else the request's own."""
+    return (public_url or request_base_url).rstrip("/") + "/dicomweb"
 
 
 def wants_xml(accept: str | None) -> bool:

@@ -450,6 +450,16 @@ class APISettings(_Section):
     """A STOW-RS request body larger than this is refused (413) before anything is stored."""
     stow_max_parts: int = Field(1000, ge=1)
     """A STOW-RS request with more parts (instances) than this is refused (413) before anything is stored."""
+    public_url: str = ""
+    """The API's address as clients reach it (``https://gastrolens.hospital.example/gl``), used in the
+    Retrieve URLs of STOW-RS, QIDO-RS and WADO-RS answers; empty: each request's Host header."""
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
 
 
 class LoggingSettings(_Section):

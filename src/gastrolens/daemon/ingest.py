@@ -277,7 +277,8 @@ def _uids(header: InstanceHeader | None) -> dict[str, str]:
     """The outcome's naming of the data set, when its header was read."""
     if header is None:
         return {}
-    return {"sop_class_uid": header.sop_class_uid, "sop_instance_uid": header.sop_uid}
+    return {"sop_class_uid": header.sop_class_uid, "sop_instance_uid": header.sop_uid,
+            "study_uid": header.study_uid, "series_uid": header.series_uid}
 
 
 def _facts(received: ReceivedInstance) -> RequestFacts:

@@ -62,6 +62,8 @@ class IngestOutcome:
     reason: str | None = None
     sop_class_uid: str | None = None
     sop_instance_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
     """The data set's UIDs when its header could be read (a STOW-RS response lists them)."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +103,15 @@ class DatabaseCatalog:
         if sample is None:
             return ()
         try:
-            path: Path = self.store.absolute(sample)
+            return _stored_character_set(str(self.store.absolute(sample)))
         except GastroLensError:
             return ()
-        return stored_character_set(path)
+
+
+@lru_cache(maxsize=4096)
+def _stored_character_set(path: str) -> tuple[str, ...]:
+    """Received files never change under their name (a new version gets a new one): read each header once."""
+    return stored_character_set(Path(path))
 
 
 def _object_query(keys: QueryKeys) -> ObjectQuery:

@@ -156,6 +156,10 @@ def test_find_by_patient_name_in_gb18030(node: Node, tmp_path: Path) -> None:
     assert answer.PatientID == "GL-QR-1"
     assert int(answer.NumberOfStudyRelatedInstances) == len(node.held())
     assert {"ES", "SR"} <= set(answer.ModalitiesInStudy), "the sources and GastroLens's own SRs"
+    audited = node.queries()[-1]
+    assert audited.actor.startswith("dicom:FINDSCU@") and audited.outcome.value == "success"
+    assert '"service":"C-FIND"' in audited.detail and '"rows":1' in audited.detail
+    assert f'"patient_name":"{IDEOGRAPHIC}"' in audited.detail
 
 
 def test_find_by_patient_name_in_utf8_with_wildcard(node: Node, tmp_path: Path) -> None:

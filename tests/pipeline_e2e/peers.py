@@ -32,6 +32,7 @@ from gastrolens.samples import SECONDARY_CAPTURE, VL_ENDOSCOPIC, as_dicom, endos
 from support import basic_config, dcmtk, free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 STORESCP = "/usr/bin/storescp"
 
 TINY_CLASSIFIER = 64
@@ -190,6 +191,8 @@ class Orthanc:
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    plugins: list[str] = field(default_factory=list)
+    """Plugin .so paths to load (DICOMWEB_PLUGIN serves DICOMweb at <url>/dicom-web/)."""
 
     @property
     def url(self) -> str:
@@ -230,7 +233,8 @@ class Orthanc:
             "DicomScuTimeout": 30,
             "StableAge": 60,
             "SaveJobs": False,
-            "Plugins": [],
+            "Plugins": self.plugins,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
         self.config_path.write_text(json.dumps(config, indent=2))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -46,6 +47,7 @@ from gastrolens.models import Engine, untrained_package
 from gastrolens.samples import as_dicom, endoscopy_frame
 from gastrolens.storage.store import Store
 from pipeline_e2e.peers import StoreSCP, start_storescp
+from support import free_port
 
 NAME = "Wang^XiaoDong=王^小东"
 IDEOGRAPHIC = "王^小东"
@@ -210,6 +212,40 @@ def test_move_to_a_configured_peer(node: Node) -> None:
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     moved = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in set(node.storescp.received()) - before}
     assert moved == node.held()
+
+
+def test_move_to_a_peer_over_tls(node: Node, tmp_path: Path) -> None:
+    """A peer with [dicom.peers.tls] enabled is reached over TLS and its certificate checked against its CA."""
+    from dicom_io.net.test_tls import _make_ca, _make_leaf
+
+    _make_ca(tmp_path, "ca")
+    _make_leaf(tmp_path, "server", "ca", "localhost",
+               "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    port = free_port()
+    scp = subprocess.Popen(["/usr/bin/storescp", "+tls", str(tmp_path / "server.key"), str(tmp_path / "server.crt"),
+                            "-ic", "+xa", "-aet", "TLSSCP", "-od", str(inbox), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
+    peer = {"ae_title": "TLSSCP", "host": "127.0.0.1", "port": port,
+            "tls": {"enabled": True, "ca": str(tmp_path / "ca.crt")}}
+    dicom = node.settings.dicom.model_validate({**node.settings.dicom.model_dump(), "port": 0, "peers": [peer]})
+    ingest = DatabaseIngest(node.store, node.db, writers=1)
+    receiver = Receiver(dicom, ingest, services=[QueryRetrieve(dicom, DatabaseCatalog(node.db, node.store))])
+    receiver.start()
+    try:
+        time.sleep(0.5)  # storescp binds
+        done = dcmtk("movescu", "-S", "-aet", "MOVESCU", "-aec", dicom.ae_title, "-aem", "TLSSCP",
+                     "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
+                     "127.0.0.1", str(receiver.port))
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        moved = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in inbox.iterdir()}
+        assert moved == node.held()
+    finally:
+        receiver.stop(drain_seconds=5)
+        ingest.close()
+        scp.terminate()
+        scp.wait(timeout=10)
 
 
 def test_move_to_an_unknown_destination_fails_with_a801(node: Node) -> None:

@@ -4,10 +4,11 @@ For each destination the step claims the deliveries that are due and hands them 
 destination's sender: one association carries many objects, and a DICOM peer gets up to
 its ``associations`` at once (each carrying every n-th claim, so the oldest still go
 first; at least :data:`MIN_PER_ASSOCIATION` objects each), since one association spends
-most of its time waiting on the peer. Each association records each result as it comes,
-before its next object goes, so a crash re-sends at most one object per association (a
-re-sent object has the same SOP Instance UID: the peer replaces it). What each result does
-to the delivery is :func:`gastrolens.db.transitions_delivery.record_delivery_attempt`.
+most of its time waiting on the peer. Each association records its results as they come,
+:data:`RECORD_GROUP` at a time in one transaction (one attempt and one audit event each),
+so a crash re-sends at most that many objects per association (a re-sent object has the
+same SOP Instance UID: the peer replaces it). What each result does to the delivery is
+:func:`gastrolens.db.transitions_delivery.record_delivery_attempt`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 256
 """The most deliveries one claim (shared by a destination's associations) carries."""
+RECORD_GROUP = 8
+"""Results recorded in one transaction (one commit, one fsync): the most objects one
+association may have sent unrecorded, and so re-send after a crash."""
 MIN_PER_ASSOCIATION = 8
 """Fewer objects than this do not open another association (its set-up would cost more than it saves)."""
 
@@ -100,14 +104,21 @@ class DeliveryStep:
                 for c in claims]
 
     def _deliver(self, claims: Sequence[ClaimedDelivery], results: Iterator[SendResult]) -> int:
-        """Record each result as it comes; claims the sender gave no result for are released."""
+        """Record the results as they come, :data:`RECORD_GROUP` at a time; claims the
+        sender gave no result for are released."""
         done = 0
+        group: list[tuple[ClaimedDelivery, SendResult, datetime]] = []
         try:
-            for claim, result in zip(claims, results, strict=False):  # a sender that stops early leaves claims
-                self._record(claim, result)
-                done += 1
+            try:
+                for claim, result in zip(claims, results, strict=False):  # a sender that stops early leaves claims
+                    group.append((claim, result, utcnow()))
+                    if len(group) >= RECORD_GROUP:
+                        full, group = group, []
+                        done += self._record(full)
+            finally:
+                done += self._record(group)  # the results in hand, even when the sender failed
         finally:
-            if done < len(claims):
+            if done < len(claims):  # unrecorded results (the database failed) are released too: sent again
                 with self.db.session() as session:
                     release_deliveries(session, claims[done:], worker=self.worker)
             close = getattr(results, "close", None)
@@ -115,15 +126,21 @@ class DeliveryStep:
                 close()  # a generator sender releases its association now
         return done
 
-    def _record(self, claim: ClaimedDelivery, result: SendResult) -> None:
+    def _record(self, group: Sequence[tuple[ClaimedDelivery, SendResult, datetime]]) -> int:
+        """Record each attempt of ``group`` (each with its own audit event) in one transaction."""
+        if not group:
+            return 0
         with self.db.session() as session:
-            state = record_delivery_attempt(session, claim, result, worker=self.worker, policy=self.policy,
-                                            now=utcnow())
-        if state is None:
-            log.warning("delivery %d of %s: claimed by another worker meanwhile", claim.id, claim.sop_instance_uid)
-            return
-        log.log(logging.INFO if result.ok else logging.WARNING, "delivery %d of %s to %s: %s (%s)", claim.id,
-                claim.sop_instance_uid, claim.destination, state.value, result.reason or result.outcome.value)
+            states = [record_delivery_attempt(session, claim, result, worker=self.worker, policy=self.policy,
+                                              now=at) for claim, result, at in group]
+        for (claim, result, _), state in zip(group, states, strict=True):
+            if state is None:
+                log.warning("delivery %d of %s: claimed by another worker meanwhile", claim.id,
+                            claim.sop_instance_uid)
+                continue
+            log.log(logging.INFO if result.ok else logging.WARNING, "delivery %d of %s to %s: %s (%s)", claim.id,
+                    claim.sop_instance_uid, claim.destination, state.value, result.reason or result.outcome.value)
+        return len(group)
 
 
 def requeue(db: Database, actor: str, delivery_id: int | None = None, all_dead: bool = False) -> int:

@@ -1,0 +1,111 @@
+"""Delivery records results in groups: one transaction per RECORD_GROUP results, one
+attempt and one audit event per object, and results in hand are recorded even when the
+sender fails midway (the rest are released, due again at once)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+from sqlalchemy import func, select
+
+import gastrolens.daemon.delivery as delivery_module
+from gastrolens.daemon.delivery import RECORD_GROUP, DeliveryStep
+from gastrolens.daemon.destinations import Outgoing
+from gastrolens.db import audit
+from gastrolens.db.states import AuditEventType, DeliveryState
+from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Series, Study, utcnow
+from gastrolens.findings import OutputKind
+from gastrolens.sending import SendResult, sent
+
+OBJECTS = 2 * RECORD_GROUP + 4
+
+
+class FakeSender:
+    """Yields SENT for the first ``fail_after`` objects, then raises (a peer that vanished)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after = fail_after
+        self.sent: list[str] = []
+
+    def send(self, objects: Sequence[Outgoing]) -> Iterator[SendResult]:
+        for item in objects:
+            if self.fail_after is not None and len(self.sent) == self.fail_after:
+                raise RuntimeError("peer vanished")
+            self.sent.append(item.sop_instance_uid)
+            yield sent(0)
+
+
+def seed(stage, count: int) -> None:
+    with stage.db.session() as s:
+        study = Study(study_instance_uid="1.2.826.0.1.3680043.10.1177.1")
+        s.add(study)
+        s.flush()
+        series = Series(series_instance_uid="1.2.826.0.1.3680043.10.1177.2", study_id=study.id)
+        s.add(series)
+        s.flush()
+        instance = Instance(sop_instance_uid="1.2.826.0.1.3680043.10.1177.3", series_id=series.id,
+                            study_id=study.id, sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                            transfer_syntax_uid="1.2.840.10008.1.2.1", file_path="in.dcm", sha256="0" * 64,
+                            size_bytes=1)
+        s.add(instance)
+        s.flush()
+        for n in range(count):
+            output = Output(kind=OutputKind.OVERLAY, study_id=study.id, instance_id=instance.id,
+                            sop_instance_uid=f"1.2.826.0.1.3680043.10.1177.4.{n}",
+                            series_instance_uid="1.2.826.0.1.3680043.10.1177.5",
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.7", file_path=f"out/{n}.dcm",
+                            model_sha256="b" * 64)
+            s.add(output)
+            s.flush()
+            s.add(Delivery(output_id=output.id, destination="dest", attempts=0, next_attempt_at=utcnow()))
+
+
+@pytest.fixture
+def grouped(make_stage, monkeypatch, tmp_path):
+    stage = make_stage(destinations=[{"name": "dest", "folder": str(tmp_path / "dest")}])
+    seed(stage, OBJECTS)
+    groups: list[int] = []
+    record = DeliveryStep._record
+
+    def counting(self, group):
+        if group:  # the orphan pass records nothing
+            groups.append(len(group))
+        return record(self, group)
+
+    monkeypatch.setattr(DeliveryStep, "_record", counting)
+    return stage, groups
+
+
+def test_results_are_recorded_a_group_per_transaction_each_audited(grouped, monkeypatch):
+    stage, groups = grouped
+    sender = FakeSender()
+    monkeypatch.setattr(delivery_module, "sender_for", lambda destination, settings: sender)
+    attempts = DeliveryStep(stage.settings, stage.db, stage.store, "w").run_once()
+    assert attempts == len(sender.sent) == OBJECTS
+    assert groups == [RECORD_GROUP, RECORD_GROUP, OBJECTS - 2 * RECORD_GROUP]
+    with stage.db.session() as s:
+        rows = list(s.scalars(select(Delivery)))
+        events = s.scalar(select(func.count()).select_from(AuditEvent)
+                          .where(AuditEvent.event_type == AuditEventType.DELIVERY_SENT))
+        assert audit.verify_chain(s).intact
+    assert events == OBJECTS
+    assert all(r.state is DeliveryState.SENT and r.attempts == 1 and r.claimed_by is None for r in rows)
+
+
+def test_a_sender_failing_midway_keeps_the_results_in_hand_and_releases_the_rest(grouped, monkeypatch):
+    stage, groups = grouped
+    fail_after = RECORD_GROUP + 3
+    sender = FakeSender(fail_after=fail_after)
+    monkeypatch.setattr(delivery_module, "sender_for", lambda destination, settings: sender)
+    with pytest.raises(RuntimeError, match="peer vanished"):
+        DeliveryStep(stage.settings, stage.db, stage.store, "w").run_once()
+    assert groups == [RECORD_GROUP, 3]
+    with stage.db.session() as s:
+        rows = {r.output_id: r for r in s.scalars(select(Delivery))}
+        sent_uids = set(s.scalars(select(Output.sop_instance_uid).join(Delivery, Delivery.output_id == Output.id)
+                                  .where(Delivery.state == DeliveryState.SENT)))
+    assert sent_uids == set(sender.sent) and len(sent_uids) == fail_after
+    unsent = [r for r in rows.values() if r.state is not DeliveryState.SENT]
+    assert len(unsent) == OBJECTS - fail_after
+    assert all(r.state is DeliveryState.PENDING and r.claimed_by is None and r.attempts == 0 for r in unsent)

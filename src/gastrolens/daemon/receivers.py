@@ -170,6 +170,7 @@ class ReceiverPool:
                 self._finished,
                 self._write_lock,
                 self.log_level,
+                os.getpid(),
             ),
         )
         process.start()
@@ -305,9 +306,10 @@ def _serve(
     finished: SynchronizedArray[int],
     write_lock: Any,
     log_level: int,
+    daemon_pid: int,
 ) -> None:
     """A receiver process: its own AE, server, database engine and ingest, until SIGTERM."""
-    _become_receiver_process()
+    _become_receiver_process(daemon_pid)
     logsetup.configure(log_level, tag=f"{PROCESS_NAME}-{index}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -417,12 +419,13 @@ def _take_connections(channel: socket.socket, receiver: Any) -> None:
         receiver.serve_connection(socket.socket(fileno=fds[0]), (host, port))
 
 
-def _become_receiver_process() -> None:
+def _become_receiver_process(daemon_pid: int) -> None:
     """Named ``gl-receiver`` (benchmarks attribute CPU by it), killed with the daemon, Ctrl-C left to it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         libc.prctl(PR_SET_NAME, PROCESS_NAME.encode())
-        if os.getppid() == 1:  # the daemon died before the line above: do not outlive it
+        if os.getppid() != daemon_pid:  # the daemon died before the line above: do not outlive it
+            # (not ``== 1``: in a container without an init the daemon itself is PID 1)
             os._exit(1)

@@ -123,3 +123,16 @@ def test_the_studies_complete_command_is_audited_and_reported_by_the_completion_
     assert StudyCompletion(stage.settings, stage.db, stage.store, "w").run_signals() == 1
     (sr,) = _study_srs(stage)
     assert sr.CompletionFlag == "COMPLETE"
+
+
+def test_a_completed_step_after_the_quiet_timer_reported_everything_writes_no_second_sr(make_stage, tiny_engine,
+                                                                                         study_uid):
+    stage = make_stage()  # study_quiet_seconds = 0: the quiet timer reports first
+    uid = stage.receive(study_uid)
+    InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w").run_once()
+    completion = StudyCompletion(stage.settings, stage.db, stage.store, "w")
+    assert completion.run_once() == 1
+    _mpps(stage, study_uid, ProcedureStepStatus.COMPLETED, [uid])
+    assert completion.run_signals() == 0
+    assert _pending_signals(stage) == 0, "settled, not left pending"
+    assert len(_study_srs(stage)) == 1

@@ -37,6 +37,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session
 
 from gastrolens import metrics
 from gastrolens.config import Settings
@@ -104,8 +105,10 @@ class StudyCompletion:
                 Instance.state.in_((InstanceState.RECEIVED, InstanceState.CLAIMED))))
             if waiting:
                 return 0  # report once inference has seen them
-            arrived = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.study_id == study_id)))
+            arrived = set(session.scalars(select(Instance.sop_instance_uid).where(
+                Instance.study_id == study_id, Instance.superseded.is_(False))))
             missing = [uid for uid in (step.referenced if step else []) if uid not in arrived]
+            up_to_date = self._reported_since_last_result(session, study_id)
         notes: list[str] = []
         if kind is CompletionSignalKind.MPPS_DISCONTINUED:
             notes.append(f"Procedure step DISCONTINUED: this report covers the {len(arrived)} image(s) that arrived")
@@ -114,11 +117,22 @@ class StudyCompletion:
                 return 0  # the images it lists may still arrive
             notes.append(f"{len(missing)} image(s) listed by the procedure step were not received: "
                          + ", ".join(missing))
+        if not notes and up_to_date:  # the quiet timer (or another signal) already reported all of it
+            return self._settled(signal_id, f"{kind.value}: the latest study SR already covers every finding")
         written = self.report(study_id, notes=notes)
         outcome = (f"{kind.value}: study SR written" + (f" ({len(missing)} missing)" if missing else "")
                    if written else f"{kind.value}: nothing to report (no findings)")
         self._settled(signal_id, outcome)
         return written
+
+    @staticmethod
+    def _reported_since_last_result(session: Session, study_id: int) -> bool:
+        reported_at, newest = session.execute(
+            select(Study.reported_at, func.max(Result.created_at))
+            .select_from(Study).outerjoin(Instance, Instance.study_id == Study.id)
+            .outerjoin(Result, Result.instance_id == Instance.id)
+            .where(Study.id == study_id).group_by(Study.id, Study.reported_at)).one()
+        return reported_at is not None and newest is not None and _aware(newest) <= _aware(reported_at)
 
     def _settled(self, signal_id: int, outcome: str) -> int:
         with self.db.session() as session:

@@ -129,3 +129,22 @@ def test_an_empty_request_is_an_invalid_argument(make_node) -> None:
     assert status == 0x0115
     (refused,) = node.events(AuditEventType.COMMITMENT_REQUESTED)
     assert refused.outcome is Outcome.FAILURE
+
+
+def test_when_nothing_can_be_checked_every_instance_fails_with_processing_failure(make_node, sample_files,
+                                                                                  monkeypatch) -> None:
+    from gastrolens.dicom_io.net.commitment import StorageCommitmentSCP
+
+    node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="127.0.0.1", port=1),))
+    refs = _stored(node, sample_files)
+    (scp,) = [s for s in node.receiver.services if isinstance(s, StorageCommitmentSCP)]
+
+    def broken(references: object) -> object:
+        raise RuntimeError("database unreachable")
+
+    monkeypatch.setattr(scp.book, "failures", broken)
+    inbox = ReportInbox()
+    request_commitment(node.port, refs, inbox=inbox)
+    ((event_type, info, _),) = inbox.reports
+    assert event_type == 2 and "ReferencedSOPSequence" not in info
+    assert {int(i.FailureReason) for i in info.FailedSOPSequence} == {0x0110}

@@ -175,3 +175,25 @@ def test_a_workstation_off_the_allow_list_is_rejected_like_for_c_store(make_node
         workstation(node.port)
     assert node.events(AuditEventType.ASSOCIATION_REJECTED)
     assert not _steps(node)
+
+
+def test_an_unforeseen_error_answers_processing_failure_and_is_audited(make_node, monkeypatch) -> None:
+    from gastrolens.dicom_io.net.mpps import ProcedureStepSCP
+
+    node = make_node()
+    (scp,) = [s for s in node.receiver.services if isinstance(s, ProcedureStepSCP)]
+
+    def broken(request: object) -> object:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(scp.book, "create", broken)
+    ae, assoc = workstation(node.port)
+    try:
+        status, _ = assoc.send_n_create(mpps_create(generate_uid()), MPPS, generate_uid())
+        assert assoc.is_established, "the association survives"
+    finally:
+        assoc.release()
+        ae.shutdown()
+    assert status_of(status) == 0x0110
+    (refused,) = _refused(node)
+    assert refused["status"] == "0x0110" and "disk on fire" in refused["reason"]

@@ -22,7 +22,8 @@ class SendOutcome(str, enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class SendResult:
-    """``status`` is the peer's C-STORE status when it answered (None: no answer, or no DICOM peer)."""
+    """``status`` is what the peer answered: a C-STORE status (DICOM), an HTTP status or a
+    STOW-RS Failure Reason (DICOMweb); None when it did not answer, or has no status (folder, HL7)."""
 
     outcome: SendOutcome
     status: int | None = None
@@ -43,3 +44,13 @@ def retry(reason: str, status: int | None = None) -> SendResult:
 
 def permanent(reason: str, status: int | None = None) -> SendResult:
     return SendResult(outcome=SendOutcome.PERMANENT, status=status, reason=reason)
+
+
+def describe_status(destination_kind: str | None, status: int | None) -> str | None:
+    """A delivery's last status as its destination kind means it: ``0xA700`` (DICOM, or a
+    STOW-RS Failure Reason, which are 0xA700 and up), ``HTTP 503`` (DICOMweb)."""
+    if status is None or status < 0:
+        return None
+    if destination_kind == "dicomweb" and status < 600:
+        return f"HTTP {status}"
+    return f"0x{status:04X}"

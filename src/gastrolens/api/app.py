@@ -56,7 +56,7 @@ def create_app(settings: Settings, db: Database, store_root: Path | None = None,
         redoc_url=None,
     )
     app.state.ctx = ApiContext(settings, db, Path(store_root or settings.storage.root), health_probe, ingest)
-    app.state.metrics = app_registry(db)
+    app.state.metrics = app_registry(db, settings.destination_kinds())
     app.include_router(routes_data.router)
     app.include_router(routes_ops.router)
     app.include_router(stow.router)

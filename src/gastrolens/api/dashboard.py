@@ -28,7 +28,7 @@ from gastrolens.db import audit as audit_chain
 from gastrolens.db.filters import AuditQuery, DeliveryQuery, StudyQuery, StudyState, check_uid, explain
 from gastrolens.db.queries import status_counts
 from gastrolens.db.queries_audit import list_events
-from gastrolens.db.queries_queue import failed_instances, list_deliveries
+from gastrolens.db.queries_queue import delivery_counts, failed_instances, list_deliveries
 from gastrolens.db.queries_studies import get_study, list_studies
 from gastrolens.db.states import AuditEventType, DeliveryState
 from gastrolens.findings import CLASS_ORDER, LesionClass
@@ -192,8 +192,9 @@ def queue_page(request: Request) -> Response:
     ctx = context_of(request)
 
     def load(session: Any) -> dict[str, Any]:
-        return {"counts": status_counts(session), "page": list_deliveries(session, query),
-                "failed": failed_instances(session, 50)}
+        kinds = ctx.settings.destination_kinds()
+        return {"counts": status_counts(session), "page": list_deliveries(session, query, kinds),
+                "by_kind": delivery_counts(session, kinds), "failed": failed_instances(session, 50)}
 
     data = ctx.read(who, request, load, rows=lambda d: len(d["page"].items) + len(d["failed"]),
                     criteria=query.described())

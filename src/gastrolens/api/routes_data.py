@@ -86,8 +86,10 @@ def instance(request: Request, principal: Viewer, sop_uid: str) -> InstanceView:
             summary="Deliveries of outputs to destinations, most recently changed first")
 def deliveries(request: Request, principal: Viewer,
                query: Annotated[DeliveryQuery, Query()]) -> Page[QueueDeliveryView]:
-    return context_of(request).read(principal, request, lambda s: list_deliveries(s, query),
-                                    rows=lambda page: len(page.items), criteria=query.described())
+    ctx = context_of(request)
+    kinds = ctx.settings.destination_kinds()
+    return ctx.read(principal, request, lambda s: list_deliveries(s, query, kinds),
+                    rows=lambda page: len(page.items), criteria=query.described())
 
 
 @router.get("/audit", response_model=Page[AuditRow], tags=["audit"],

@@ -8,7 +8,7 @@ every process reports the same, whole-system figures.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from gastrolens.db import Database
 from gastrolens.db.queries import status_counts
+from gastrolens.db.queries_queue import delivery_counts
 from gastrolens.errors import DatabaseError
 from gastrolens.metrics import REGISTRY
 
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 class DatabaseCollector(Collector):
     """Gauges read from the database at scrape time; ``gastrolens_database_up 0`` when it cannot be read."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, destination_kinds: Mapping[str, str] | None = None) -> None:
         self.db = db
+        self.destination_kinds = dict(destination_kinds or {})
 
     def describe(self) -> list[Metric]:
         return []  # computed at scrape time; nothing to register up front
@@ -36,6 +38,7 @@ class DatabaseCollector(Collector):
         try:
             with self.db.read_session() as session:
                 counts = status_counts(session)
+                by_kind = delivery_counts(session, self.destination_kinds)
         except DatabaseError as exc:
             log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
             up.add_metric([], 0)
@@ -55,6 +58,13 @@ class DatabaseCollector(Collector):
         for state, n in counts["outputs"].items():
             deliveries.add_metric([state], n)
         yield deliveries
+        kinds = GaugeMetricFamily("gastrolens_deliveries_by_kind",
+                                  "Deliveries by destination kind (dicom, folder, dicomweb, hl7) and state.",
+                                  labels=["kind", "state"])
+        for kind in sorted({*self.destination_kinds.values(), *(k for k, _ in by_kind)}):
+            for state in counts["outputs"]:
+                kinds.add_metric([kind, state], by_kind.get((kind, state), 0))
+        yield kinds
         quarantined = CounterMetricFamily("gastrolens_quarantined", "Received files kept in quarantine.")
         quarantined.add_metric([], counts["quarantined"])
         yield quarantined
@@ -78,11 +88,12 @@ class _ProcessCollector(Collector):
         yield from REGISTRY.collect()
 
 
-def app_registry(db: Database) -> CollectorRegistry:
-    """A registry with this process's metrics and the database's, for one app's ``/metrics``."""
+def app_registry(db: Database, destination_kinds: Mapping[str, str] | None = None) -> CollectorRegistry:
+    """A registry with this process's metrics and the database's, for one app's ``/metrics``;
+    ``destination_kinds`` (name to kind) labels the deliveries by kind."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ProcessCollector())
-    registry.register(DatabaseCollector(db))
+    registry.register(DatabaseCollector(db, destination_kinds))
     return registry
 
 

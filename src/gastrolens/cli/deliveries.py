@@ -12,6 +12,7 @@ from gastrolens.daemon.delivery import requeue
 from gastrolens.db import Database
 from gastrolens.db.states import DeliveryState
 from gastrolens.db.tables import Delivery, Output
+from gastrolens.sending import describe_status
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,10 +40,13 @@ def run_list(args: argparse.Namespace) -> int:
             .order_by(Delivery.updated_at.desc(), Delivery.id.desc()).limit(max(1, args.limit)))
     if args.state:
         stmt = stmt.where(Delivery.state == DeliveryState(args.state))
-    with _database(args).read_session() as session:
+    settings = settings_from(args)
+    kinds = settings.destination_kinds()  # the database keeps destination names; the configuration their kind
+    with open_database(settings).read_session() as session:
         rows = [
-            {"id": d.id, "destination": d.destination, "state": d.state.value, "attempts": d.attempts,
-             "last_status": None if d.last_status is None or d.last_status < 0 else f"0x{d.last_status:04X}",
+            {"id": d.id, "destination": d.destination, "destination_kind": kinds.get(d.destination, "unknown"),
+             "state": d.state.value, "attempts": d.attempts,
+             "last_status": describe_status(kinds.get(d.destination), d.last_status),
              "last_error": d.last_error, "kind": o.kind.value, "sop_instance_uid": o.sop_instance_uid,
              "next_attempt_at": d.next_attempt_at.isoformat(), "updated_at": d.updated_at.isoformat()}
             for d, o in session.execute(stmt)
@@ -54,12 +58,13 @@ def run_list(args: argparse.Namespace) -> int:
         print("no deliveries" + (f" in state {args.state}" if args.state else ""))
         return 0
     print(
-        f"{'ID':>6}  {'DESTINATION':<12} {'STATE':<9} {'TRIES':>5}  {'STATUS':<7} {'KIND':<9} "
+        f"{'ID':>6}  {'DESTINATION':<12} {'KIND':<8} {'STATE':<9} {'TRIES':>5}  {'STATUS':<8} {'OUTPUT':<9} "
         "SOP INSTANCE UID / LAST ERROR"
     )
     for r in rows:
         print(
-            f"{r['id']:>6}  {r['destination']:<12} {r['state']:<9} {r['attempts']:>5}  {r['last_status'] or '-':<7} "
+            f"{r['id']:>6}  {r['destination']:<12} {r['destination_kind']:<8} {r['state']:<9} {r['attempts']:>5}  "
+            f"{r['last_status'] or '-':<8} "
             f"{r['kind']:<9} {r['sop_instance_uid']}" + (f"\n{'':>8}{r['last_error']}" if r["last_error"] else "")
         )
     return 0

@@ -78,6 +78,9 @@ class QueueDeliveryView(DeliveryView):
     output_sop_uid: str
     study_uid: str
     source_sop_uid: str | None
+    destination_kind: str | None = Field(None, description="dicom, folder, dicomweb or hl7, as the destination is "
+                                         "configured now; None when it is no longer configured")
+    last_status_text: str | None = Field(None, description="last_status as its kind means it: 0xA700, HTTP 503")
 
 
 class FailedInstanceView(_View):

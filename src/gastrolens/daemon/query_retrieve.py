@@ -64,20 +64,25 @@ class DatabaseCatalog:
             "service": record.service,
             "filter": keys.described() if keys is not None else {},
             "rows": record.rows,
-            "status": f"0x{record.status:04X}",
+            "status": f"0x{record.status:04X}" if record.status is not None else None,
         }
         if record.reason:
             detail["reason"] = record.reason
         if record.destination is not None:
             detail["destination"] = record.destination
-        ok = record.status in (0x0000, STATUS_PENDING, STATUS_CANCEL)
+        if record.suboperations is not None:
+            completed, warning, failed = record.suboperations
+            detail |= {"completed": completed, "warning": warning, "failed": failed}
+        status = record.status
+        outcome = (Outcome.SUCCESS if status in (0x0000, STATUS_PENDING, STATUS_CANCEL)
+                   else Outcome.WARNING if status is not None and status & 0xF000 == 0xB000 else Outcome.FAILURE)
         study_uid = keys.study_uids[0] if keys is not None and len(keys.study_uids) == 1 else None
         try:
             with self._write_lock, self.db.session() as session:
                 audit.record(session, audit.Event(
                     type=AuditEventType.QUERY,
                     actor=record.actor,
-                    outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+                    outcome=outcome,
                     study_uid=study_uid,
                     detail=detail,
                 ))

@@ -100,7 +100,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     settings = Settings.model_validate({
         "storage": {"root": str(tmp / "storage")},
         "database": {"url": url},
-        "dicom": {"port": 0, "peers": [{"ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp.port}],
+        "dicom": {"port": 0, "peers": [{"ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp.port},
+                                       {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}],
                   "allowed_calling_aets": ["FINDSCU", "GETSCU", "MOVESCU", "PYNETDICOM"]},
         "scheduler": {"study_quiet_seconds": 0, "output_processes": 0},
     })
@@ -200,6 +201,34 @@ def getscu(node: Node, folder: Path, port: int | None = None) -> set[str]:
 
 def test_get_retrieves_sources_and_outputs(node: Node, tmp_path: Path) -> None:
     assert getscu(node, tmp_path) == node.held()
+    started, finished = node.queries()[-2:]
+    total = len(node.held())
+    assert '"service":"C-GET"' in started.detail and '"status":"0xFF00"' in started.detail
+    assert f'"rows":{total}' in started.detail
+    assert f'"completed":{total}' in finished.detail and '"failed":0' in finished.detail
+    assert '"status":"0x0000"' in finished.detail and finished.outcome.value == "success"
+
+
+def test_get_with_a_file_gone_sends_the_rest_and_audits_the_failure(node: Node, tmp_path: Path) -> None:
+    with node.db.read_session() as session:
+        victim = session.scalars(select(Output).order_by(Output.id)).first()
+    assert victim is not None
+    path = node.store.absolute(victim.file_path)
+    aside = tmp_path / "aside.dcm"
+    path.rename(aside)
+    try:
+        folder = tmp_path / "get"
+        folder.mkdir()
+        dcmtk("getscu", "-S", "-aet", "GETSCU", "-aec", node.settings.dicom.ae_title, "-od", str(folder),
+              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
+              "127.0.0.1", str(node.port))
+        received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir()}
+    finally:
+        aside.rename(path)
+    assert received == node.held() - {victim.sop_instance_uid}
+    finished = node.queries()[-1]
+    assert '"status":"0xB000"' in finished.detail and '"failed":1' in finished.detail
+    assert finished.outcome.value == "warning"
     audited = node.queries()[-1]
     assert '"service":"C-GET"' in audited.detail and f'"rows":{len(node.held())}' in audited.detail
 
@@ -212,6 +241,9 @@ def test_move_to_a_configured_peer(node: Node) -> None:
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     moved = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in set(node.storescp.received()) - before}
     assert moved == node.held()
+    finished = node.queries()[-1]
+    assert '"service":"C-MOVE"' in finished.detail and '"destination":"STORESCP"' in finished.detail
+    assert f'"completed":{len(moved)}' in finished.detail and '"status":"0x0000"' in finished.detail
 
 
 def test_move_to_a_peer_over_tls(node: Node, tmp_path: Path) -> None:
@@ -246,6 +278,20 @@ def test_move_to_a_peer_over_tls(node: Node, tmp_path: Path) -> None:
         ingest.close()
         scp.terminate()
         scp.wait(timeout=10)
+
+
+def test_move_to_an_unreachable_peer_fails_with_a801_and_is_audited(node: Node) -> None:
+    done = dcmtk("movescu", "-d", "-S", "-aet", "MOVESCU", "-aec", node.settings.dicom.ae_title, "-aem", "DOWN",
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
+                 "127.0.0.1", str(node.port))
+    output = (done.stdout + done.stderr).decode(errors="replace").lower()
+    assert "dimse status                  : 0xa801" in output, output
+    deadline = time.monotonic() + 10  # audited when pynetdicom drops the handler, just after it answered
+    while '"destination":"DOWN"' not in node.queries()[-1].detail and time.monotonic() < deadline:
+        time.sleep(0.05)
+    finished = node.queries()[-1]
+    assert '"destination":"DOWN"' in finished.detail and '"status":"0xA801"' in finished.detail
+    assert "could not be reached" in finished.detail and finished.outcome.value == "failure"
 
 
 def test_move_to_an_unknown_destination_fails_with_a801(node: Node) -> None:

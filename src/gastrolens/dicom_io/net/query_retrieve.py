@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.presentation import PresentationContext, build_context
 
 from gastrolens.config.schema import DestinationTLS, DicomSettings
@@ -66,8 +67,11 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 MAX_SUBOPERATIONS = 65535
 """Number of ... Sub-operations is US: a C-MOVE or C-GET sends at most this many objects."""
+STATUS_SUBOPERATIONS_FAILED = 0xB000
+"""Warning (C-MOVE, C-GET): some sub-operations failed or warned (pynetdicom lists them)."""
 STATUS_TOO_MANY = 0xA702
-"""Failure (C-MOVE, C-GET): out of resources, unable to perform sub-operations (more than 65535 objects)."""
+"""Failure (C-MOVE, C-GET): out of resources, unable to perform sub-operations (more than 65535 objects,
+or every sub-operation failed)."""
 MAX_CONTEXTS = 128
 
 
@@ -88,10 +92,13 @@ class QueryRecord:
     """C-FIND, C-MOVE or C-GET."""
     actor: str
     keys: QueryKeys | None
-    status: int
+    status: int | None
+    """What the peer was answered; None: nothing (the association ended first)."""
     rows: int = 0
     reason: str | None = None
     destination: str | None = None
+    suboperations: tuple[int, int, int] | None = None
+    """When a C-MOVE or C-GET has finished: C-STOREs completed, with warnings, failed."""
 
 
 class Catalog(Protocol):
@@ -108,6 +115,26 @@ class Catalog(Protocol):
     def record(self, record: QueryRecord) -> None:
         """Audit one request. Must not raise."""
         ...
+
+
+class _Tally:
+    """Counts the C-STORE-RSPs of a retrieve's sub-operations (pynetdicom keeps its own counts to itself)."""
+
+    def __init__(self) -> None:
+        self.handed = 0
+        """Objects handed to pynetdicom so far."""
+        self.completed = 0
+        self.warning = 0
+
+    def on_message(self, event: evt.Event) -> None:
+        message = event.message
+        if not isinstance(message, C_STORE_RSP) or message.command_set is None:
+            return
+        status = int(message.command_set.get("Status", STATUS_UNABLE_TO_PROCESS))
+        if status == 0x0000:
+            self.completed += 1
+        elif status & 0xF000 == 0xB000:
+            self.warning += 1
 
 
 def _failure(status: int, reason: str) -> Dataset:
@@ -205,7 +232,12 @@ class QueryRetrieve:
             yield None, None  # pynetdicom answers 0xA801, Move Destination unknown
             return
         keys, objects, problem = self._retrieval("C-MOVE", event, actor, destination)
-        options: dict[str, Any] = {"contexts": _contexts(objects), "max_pdu": self.settings.max_pdu_bytes}
+        tally = _Tally()
+        options: dict[str, Any] = {
+            "contexts": _contexts(objects),
+            "max_pdu": self.settings.max_pdu_bytes,
+            "evt_handlers": [(evt.EVT_DIMSE_RECV, tally.on_message)],
+        }
         tls = client_context(peer.tls)
         if tls is not None:
             options["tls_args"] = (tls, peer.host)
@@ -214,20 +246,33 @@ class QueryRetrieve:
             yield 1
             yield problem, None
             return
-        yield len(objects)
-        yield from self._send(event, objects)
+        finished = False
+        try:
+            yield len(objects)
+            cancelled = yield from self._send(event, objects, tally)
+            finished = True
+        finally:  # pynetdicom drops the generator when the destination is unreachable or the association ends
+            self._finished("C-MOVE", actor, keys, len(objects), tally, cancelled if finished else None, destination)
 
     # -- C-GET -------------------------------------------------------------------------
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         actor = _actor(event)
-        _keys, objects, problem = self._retrieval("C-GET", event, actor, None)
+        keys, objects, problem = self._retrieval("C-GET", event, actor, None)
         if problem is not None:
             yield 1
             yield problem, None
             return
         yield len(objects)
-        yield from self._send(event, objects)
+        tally = _Tally()
+        event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_message)  # the sub-operations' C-STORE-RSPs
+        finished = False
+        try:
+            cancelled = yield from self._send(event, objects, tally)
+            finished = True
+        finally:  # pynetdicom drops the generator when the association ends
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, tally.on_message)
+            self._finished("C-GET", actor, keys, len(objects), tally, cancelled if finished else None, None)
 
     # -- shared ------------------------------------------------------------------------
 
@@ -254,11 +299,13 @@ class QueryRetrieve:
         self._record(service, actor, keys, STATUS_PENDING, len(objects), None, destination)
         return keys, objects, None
 
-    def _send(self, event: evt.Event, objects: Sequence[StoredObject]) -> Iterator[tuple[int, Dataset | None]]:
+    def _send(self, event: evt.Event, objects: Sequence[StoredObject], tally: _Tally) -> Generator[Any, None, bool]:
+        """Yield each object for a C-STORE sub-operation; True when the peer cancelled."""
         for stored in objects:
+            tally.handed += 1
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
-                return
+                return True
             try:
                 dataset = dcmread(stored.path)
             except Exception as exc:  # a file gone or unreadable: that sub-operation fails, the rest go
@@ -268,16 +315,38 @@ class QueryRetrieve:
                 yield STATUS_PENDING, missing
                 continue
             yield STATUS_PENDING, dataset
+        return False
+
+    def _finished(self, service: str, actor: str, keys: QueryKeys | None, total: int, tally: _Tally,
+                  cancelled: bool | None, destination: str | None) -> None:
+        """Audit what the sub-operations came to; ``cancelled`` None: pynetdicom stopped early."""
+        failed = total - tally.completed - tally.warning
+        reason = None
+        status: int | None
+        if cancelled is None:  # the peer never got a final response from us, or got pynetdicom's 0xA801
+            unreachable = service == "C-MOVE" and tally.handed == 0
+            status = STATUS_MOVE_DESTINATION_UNKNOWN if unreachable else None
+            reason = ("the move destination could not be reached" if unreachable
+                      else "the association ended before every sub-operation ran")
+        elif cancelled:
+            status = STATUS_CANCEL
+        elif failed == 0 and tally.warning == 0:
+            status = 0x0000
+        else:
+            status = STATUS_TOO_MANY if tally.completed + tally.warning == 0 else STATUS_SUBOPERATIONS_FAILED
+        self._record(service, actor, keys, status, total, reason, destination,
+                     suboperations=(tally.completed, tally.warning, failed))
 
     def _record(
         self,
         service: str,
         actor: str,
         keys: QueryKeys | None,
-        status: int,
+        status: int | None,
         rows: int,
         reason: str | None = None,
         destination: str | None = None,
+        suboperations: tuple[int, int, int] | None = None,
     ) -> None:
         try:
             self.catalog.record(
@@ -289,6 +358,7 @@ class QueryRetrieve:
                     rows=rows,
                     reason=reason,
                     destination=destination,
+                    suboperations=suboperations,
                 )
             )
         except Exception:  # the catalog promises not to raise; the answer goes out regardless

@@ -96,11 +96,11 @@ class StowNode:
 
 
 @contextmanager
-def stow_node(url: str, storage: Path, **api: object) -> Iterator[StowNode]:
+def stow_node(url: str, storage: Path, *, min_free_mb: int = 1, **api: object) -> Iterator[StowNode]:
     settings = stow_settings(url, storage, **api)
     db = Database(url)
     db.upgrade()
-    store = Store(storage, fsync=True, min_free_mb=1)
+    store = Store(storage, fsync=True, min_free_mb=min_free_mb)
     ingest = DatabaseIngest(store, db, write_lock=threading.Lock() if url.startswith("sqlite") else None)
     server = ApiServer(settings, db, store_root=storage, ingest=ingest)
     server.start()

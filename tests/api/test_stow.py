@@ -8,6 +8,8 @@ reason and listed with the failure reason a C-STORE peer would get.
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
@@ -305,3 +307,30 @@ def test_a_part_without_preamble_is_stored_as_a_part10_file(node: StowNode) -> N
     assert answer.status_code == 200, answer.text
     row = next(r for r in node.instances() if r.sop_instance_uid == ds.SOPInstanceUID)
     assert node.store.absolute(row.file_path).read_bytes() == bytes(128) + b"DICM" + bare
+
+
+def test_no_room_on_disk_fails_every_part_with_0xA700(tmp_path: Path) -> None:
+    with stow_node(f"sqlite:///{tmp_path / 'gastrolens.db'}", tmp_path / "storage", min_free_mb=2**40) as full:
+        answer = full.post([part10(instance(generate_uid())), part10(instance(generate_uid(), seed=1))])
+        assert answer.status_code == 409
+        assert [value(i, FAILURE_REASON) for i in sequence(answer, FAILED_SOP_SEQUENCE)] == [0xA700, 0xA700]
+        assert full.count() == (0, 0)
+        refused = full.events(AuditEventType.STORE_REFUSED.value)
+        assert len(refused) == 2 and detail(refused[0])["reason"] == "storage below min_free_mb"
+
+
+def test_a_client_that_goes_away_mid_body_stores_nothing(node: StowNode) -> None:
+    body, boundary = multipart([part10(instance(generate_uid())), part10(instance(generate_uid(), seed=1))])
+    before, refusals = node.count(), len(node.events(AuditEventType.STORE_REFUSED.value))
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: {host}\r\nAuthorization: {SENDER['Authorization']}"
+                      f"\r\nContent-Type: {DICOM}; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+                     .encode() + body[: len(body) // 2])
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while len(node.events(AuditEventType.STORE_REFUSED.value)) == refusals and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refused = node.events(AuditEventType.STORE_REFUSED.value)[refusals:]
+    assert [detail(e)["reason"] for e in refused] == ["the client went away before the body ended"]
+    assert node.count() == before

@@ -334,3 +334,19 @@ def test_a_client_that_goes_away_mid_body_stores_nothing(node: StowNode) -> None
     refused = node.events(AuditEventType.STORE_REFUSED.value)[refusals:]
     assert [detail(e)["reason"] for e in refused] == ["the client went away before the body ended"]
     assert node.count() == before
+
+
+def test_gastrolens_api_token_makes_a_sender(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    from gastrolens.api.auth import Role, TokenRegistry
+    from gastrolens.cli import main
+    from gastrolens.config.schema import APIToken
+
+    assert main(["api", "token", "endo-gateway", "--role", "sender"]) == 0
+    out = capsys.readouterr().out
+    token = out.split("\n\n")[1].strip()
+    table = tomllib.loads(out[out.index("[[api.tokens]]"):])["api"]["tokens"][0]
+    principal = TokenRegistry([APIToken(**table)]).identify(token)
+    assert principal is not None and principal.role is Role.SENDER
+    assert not principal.role.grants(Role.VIEWER) and not Role.AUDITOR.grants(Role.SENDER)

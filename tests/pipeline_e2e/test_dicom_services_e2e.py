@@ -134,6 +134,30 @@ def test_mpps_completed_completes_the_study_without_waiting_for_the_quiet_timer(
         assert dcmread(tmp_path / "storage" / sr_output.file_path).CompletionFlag == "COMPLETE"
         assert len(view.events(AuditEventType.PROCEDURE_STEP_CREATED)) == 1
         assert json.loads(view.events(AuditEventType.PROCEDURE_STEP_UPDATED)[0].detail)["status"] == "COMPLETED"
+
+        # The signal alone: a second procedure whose images are all processed before its N-SET.
+        second = make_study(tmp_path / "second", LOOKS, seed=10, patient_id="GL-E2E-2")
+        assert storescu(daemon.port, *second.files).returncode == 0
+        wait_for(lambda: view.all_done(len(study.files) + len(second.files)), 60, "the second study's inference",
+                 logs=lambda: daemon.log)
+        step_uid = generate_uid()
+        ae, assoc = workstation(daemon.port)
+        try:
+            assert status_of(assoc.send_n_create(mpps_create(second.study_uid), MPPS, step_uid)[0]) == 0
+            series = str(dcmread(second.files[0], stop_before_pixels=True).SeriesInstanceUID)
+            status, _ = assoc.send_n_set(
+                mpps_set("COMPLETED", {series: [(sop_class, uid) for uid in second.sop_uids]}), MPPS, step_uid)
+            completed_at = time.time()
+            assert status_of(status) == 0
+        finally:
+            assoc.release()
+            ae.shutdown()
+        reports = wait_for(lambda: [e for e in view.events(AuditEventType.STUDY_REPORTED)
+                                    if e.study_uid == second.study_uid], QUIET_SECONDS - 5,
+                           "the second study SR", logs=lambda: daemon.log)
+        signal_latency = _epoch(reports[0].at) - completed_at
+        print(f"images already processed: MPPS COMPLETED -> study SR recorded {signal_latency:.2f} s")
+        assert signal_latency < 5
         assert view.audit_intact()
         assert daemon.stop() == 0, daemon.log
     finally:

@@ -148,3 +148,49 @@ def test_when_nothing_can_be_checked_every_instance_fails_with_processing_failur
     ((event_type, info, _),) = inbox.reports
     assert event_type == 2 and "ReferencedSOPSequence" not in info
     assert {int(i.FailureReason) for i in info.FailedSOPSequence} == {0x0110}
+
+
+def test_the_report_to_a_tls_peer_goes_over_tls_with_our_client_certificate(make_node, sample_files,
+                                                                             tmp_path) -> None:
+    import ssl
+    import subprocess
+
+    from pynetdicom import AE, evt
+
+    from gastrolens.config.schema import DestinationTLS
+    from gastrolens.dicom_io.net.services import STORAGE_COMMITMENT_PUSH_MODEL
+    from support import free_port
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt",
+            "-subj", "/CN=test ca", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, usage in (("peer", "serverAuth"), ("client", "clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        (tmp_path / f"{name}.ext").write_text(
+            f"basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        openssl("x509", "-req", "-days", "2", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
+    server.verify_mode = ssl.CERT_REQUIRED  # the report must come with our client certificate
+    server.load_cert_chain(tmp_path / "peer.crt", tmp_path / "peer.key")
+    inbox = ReportInbox()
+    listener = AE(ae_title="ENDO_WS1")
+    listener.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, scu_role=True, scp_role=True)
+    port = free_port()
+    listener.start_server(("127.0.0.1", port), block=False, ssl_context=server,
+                          evt_handlers=[(evt.EVT_N_EVENT_REPORT, inbox.handle)])
+    try:
+        tls = DestinationTLS(enabled=True, ca=tmp_path / "ca.crt", cert=tmp_path / "client.crt",
+                             key=tmp_path / "client.key")
+        node = make_node(peers=(KnownPeer(ae_title="ENDO_WS1", host="127.0.0.1", port=port, tls=tls),))
+        refs = _stored(node, sample_files)
+        _, status = request_commitment(node.port, refs, stay_open=False)
+        assert status == 0x0000
+        assert inbox.arrived.wait(15), "no N-EVENT-REPORT over TLS"
+        assert inbox.reports[0][0] == 1
+    finally:
+        listener.shutdown()

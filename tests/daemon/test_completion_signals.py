@@ -82,6 +82,11 @@ def test_an_image_listed_but_never_received_waits_for_the_grace_time_then_is_nam
     with over.db.session() as session:
         signal = session.scalars(select(CompletionSignal)).one()
     assert signal.handled_at is not None and "1 missing" in (signal.outcome or "")
+    with over.db.session() as session:
+        (settled,) = session.scalars(select(AuditEvent).where(
+            AuditEvent.event_type == AuditEventType.STUDY_COMPLETION_SETTLED)).all()
+    assert settled.study_uid == study_uid
+    assert json.loads(settled.detail)["kind"] == "mpps-completed"
 
 
 def test_discontinued_reports_what_arrived_and_says_so(make_stage, tiny_engine, study_uid):

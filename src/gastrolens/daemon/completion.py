@@ -136,7 +136,7 @@ class StudyCompletion:
 
     def _settled(self, signal_id: int, outcome: str) -> int:
         with self.db.session() as session:
-            settle_signal(session, signal_id, outcome=outcome, now=utcnow())
+            settle_signal(session, signal_id, outcome=outcome, actor=self.worker, now=utcnow())
         log.info("completion signal %d: %s", signal_id, outcome)
         return 0
 

@@ -62,6 +62,7 @@ class AuditEventType(str, enum.Enum):
     PROCEDURE_STEP_UPDATED = "procedure_step.updated"
     PROCEDURE_STEP_REFUSED = "procedure_step.refused"
     STUDY_COMPLETION_REQUESTED = "study.completion_requested"
+    STUDY_COMPLETION_SETTLED = "study.completion_settled"
 
 
 class ProcedureStepStatus(str, enum.Enum):

@@ -171,8 +171,16 @@ def request_completion(session: Session, study_uid: str, *, actor: str, now: dat
                                       study_uid=study_uid, detail={"kind": CompletionSignalKind.COMMAND.value}))
 
 
-def settle_signal(session: Session, signal_id: int, *, outcome: str, now: datetime) -> bool:
-    """Mark a signal handled (compare-and-set: only one worker settles it)."""
-    return updated_rows(session.execute(
+def settle_signal(session: Session, signal_id: int, *, outcome: str, actor: str, now: datetime) -> bool:
+    """Mark a signal handled and audit what became of it (compare-and-set: only one worker settles it)."""
+    settled = updated_rows(session.execute(
         update(CompletionSignal).where(CompletionSignal.id == signal_id, CompletionSignal.handled_at.is_(None))
         .values(handled_at=now, outcome=outcome[:2000]))) == 1
+    if settled:
+        signal = session.get(CompletionSignal, signal_id)
+        assert signal is not None
+        audit.record(session, audit.Event(
+            type=AuditEventType.STUDY_COMPLETION_SETTLED, actor=actor, study_uid=signal.study_instance_uid,
+            detail={"kind": signal.kind.value, "signal": signal_id, "outcome": outcome[:2000],
+                    "requested_by": signal.actor}))
+    return settled

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from gastrolens.db import Database
+from gastrolens.db import Database, audit
 from gastrolens.db.queue import claim_deliveries, claim_instances
 from gastrolens.db.states import AuditEventType, DeliveryState, InstanceState
 from gastrolens.db.tables import AuditEvent, Delivery, Instance, Output, Result, Series, Study, utcnow
@@ -275,3 +275,34 @@ def test_the_migrations_build_exactly_the_tables(db):
     with db.engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert differences == []
+
+
+def test_finishing_again_replaces_outputs_and_queues_them_again(db):
+    """An image processed again (same output UIDs) updates its outputs, sends them again and
+    says so in the audit trail; new outputs beside them are inserted; the chain stays intact."""
+    add_instances(db, 2)  # the second stands for the same source received again (a new version)
+    with db.session() as s:
+        (claim, second) = claim_instances(s, "a", limit=2, lease_seconds=60, now=T0)
+        assert finish_instance(s, claim, worker="a", findings=[finding(), finding()],
+                               outputs=[output("1.2.9.1"), output("1.2.9.2")], destinations=["pacs"], now=T0)
+    (first, _) = claim_one(db, "d", T0)
+    with db.session() as s:
+        record_delivery_attempt(s, first, sent(0), worker="d", policy=POLICY, now=T0)
+    with db.session() as s:
+        claim = second
+        again = NewOutput(kind=OutputKind.SR, sop_instance_uid="1.2.9.1", series_instance_uid="1.2.9",
+                          sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33", file_path="outputs/v2.dcm")
+        assert finish_instance(s, claim, worker="a", findings=[finding()], outputs=[again, output("1.2.9.3")],
+                               destinations=["pacs"], now=T0)
+    with db.session() as s:
+        outputs = {o.sop_instance_uid: o for o in s.scalars(select(Output))}
+        assert sorted(outputs) == ["1.2.9.1", "1.2.9.2", "1.2.9.3"]
+        assert (outputs["1.2.9.1"].file_path, outputs["1.2.9.1"].instance_id) == ("outputs/v2.dcm", second.id)
+        states = {(d.output_id, d.state, d.attempts) for d in s.scalars(select(Delivery))}
+        assert states == {(o.id, DeliveryState.PENDING, 0) for o in outputs.values()}, "the sent one goes again"
+        assert s.scalar(select(func.count()).select_from(Result)) == 3
+        notes = [json.loads(e.detail).get("note") for e in s.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == AuditEventType.OUTPUT_WRITTEN).order_by(AuditEvent.id))]
+        assert notes == [None, None, "replaces an earlier output with the same UID", None]
+        assert audit.verify_chain(s).intact
+    assert audit_types(db)[-3:] == ["output.written", "output.written", "instance.done"]

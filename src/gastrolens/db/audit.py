@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -49,23 +49,34 @@ def record(session: Session, event: Event) -> str:
 
     A plain INSERT rather than an ORM object: it runs on every C-STORE.
     """
+    return record_many(session, [event])[-1]
+
+
+def record_many(session: Session, events: Sequence[Event]) -> list[str]:
+    """Append ``events`` to the chain, in order, inside ``session``'s transaction (one
+    read of the chain's end, one INSERT of all rows); returns their hashes."""
+    if not events:
+        return []
     if on_postgresql(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
-    prev = session.execute(_LAST_HASH).scalar()
-    row = AuditEvent(
-        at=datetime.now(timezone.utc),
-        event_type=event.type,
-        actor=event.actor[:256],
-        outcome=event.outcome,
-        study_uid=event.study_uid,
-        series_uid=event.series_uid,
-        sop_uid=event.sop_uid,
-        detail=canonical_json(event.detail),
-        prev_hash=prev or GENESIS_HASH,
-    )
-    row.hash = row_hash(row)
-    session.execute(_INSERT, [{column: getattr(row, column) for column in _COLUMNS}])
-    return row.hash
+    prev = session.execute(_LAST_HASH).scalar() or GENESIS_HASH
+    rows = []
+    for event in events:
+        row = AuditEvent(
+            at=datetime.now(timezone.utc),
+            event_type=event.type,
+            actor=event.actor[:256],
+            outcome=event.outcome,
+            study_uid=event.study_uid,
+            series_uid=event.series_uid,
+            sop_uid=event.sop_uid,
+            detail=canonical_json(event.detail),
+            prev_hash=prev,
+        )
+        row.hash = prev = row_hash(row)
+        rows.append({column: getattr(row, column) for column in _COLUMNS})
+    session.execute(_INSERT, rows)  # executemany: rows are inserted (and numbered) in this order
+    return [row["hash"] for row in rows]
 
 
 _COLUMNS = ("at", "event_type", "actor", "outcome", "study_uid", "series_uid", "sop_uid", "detail", "prev_hash", "hash")

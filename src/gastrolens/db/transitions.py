@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, insert, select, update
 from sqlalchemy.orm import Session
 
 from gastrolens.db import audit
@@ -48,6 +48,15 @@ def _hold(session: Session, claim: ClaimedInstance, worker: str) -> Instance | N
     return session.scalars(stmt).first()
 
 
+def _holds(session: Session, claim: ClaimedInstance, worker: str) -> bool:
+    """:func:`_hold` without loading the row into the session (a plain SELECT of the id)."""
+    stmt = select(Instance.id).where(Instance.id == claim.id, Instance.state == InstanceState.CLAIMED,
+                                     Instance.claimed_by == worker)
+    if on_postgresql(session):
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).first() is not None
+
+
 def _event(claim: ClaimedInstance, **fields: Any) -> audit.Event:
     return audit.Event(study_uid=claim.study_instance_uid, series_uid=claim.series_instance_uid,
                        sop_uid=claim.sop_instance_uid, **fields)
@@ -62,30 +71,32 @@ def finish_instance(session: Session, claim: ClaimedInstance, *, worker: str, fi
     instance and named in its audit event; so is ``image_size`` (rows, columns), which a
     study SR needs once retention removed the source. False (and nothing written) when ``worker`` no
     longer holds the claim.
+
+    Core statements, a few per image whatever its outputs and destinations (results,
+    new outputs and their deliveries each in one INSERT, the audit events in one): this
+    runs for every image, on the path a GPU host must keep fed.
     """
-    instance = _hold(session, claim, worker)
-    if instance is None:
+    if not _holds(session, claim, worker):
         return False
     if not findings:
         raise ValueError(f"instance {claim.sop_instance_uid}: no findings to record")
     model = findings[0].model
-    for frame_number, finding in enumerate(findings, start=1):
-        session.add(result_row(claim.id, frame_number, finding, now=now))
-    for output in outputs:
-        _record_output(session, claim, output, model, worker=worker, destinations=destinations, now=now)
-    instance.state = InstanceState.DONE
-    instance.finished_at = now
-    instance.claimed_by = instance.lease_expires_at = None
-    instance.error = None
-    instance.quirks = list(quirks) or None
+    session.execute(insert(Result), [result_values(claim.id, frame_number, finding, now=now)
+                                     for frame_number, finding in enumerate(findings, start=1)])
+    events = _record_outputs(session, claim, outputs, model, worker=worker, destinations=destinations, now=now)
+    done: dict[str, Any] = {"state": InstanceState.DONE, "finished_at": now, "claimed_by": None,
+                            "lease_expires_at": None, "error": None, "quirks": list(quirks) or None}
     if image_size is not None:
-        instance.rows, instance.columns = (int(n) for n in image_size)
-    audit.record(session, _event(
+        done["rows"], done["columns"] = (int(n) for n in image_size)
+    session.execute(update(Instance).where(Instance.id == claim.id).values(**done)
+                    .execution_options(synchronize_session=False))
+    events.append(_event(
         claim, type=AuditEventType.INSTANCE_DONE, actor=worker, outcome=Outcome.WARNING if quirks else Outcome.SUCCESS,
         detail={"instance_id": claim.id, "frames": len(findings),
                 "predicted": sorted({f.predicted.value for f in findings}),
                 "model": model.name, "model_version": model.version, "weights_sha256": model.weights_sha256,
                 "untrained": model.untrained, **({"quirks": list(quirks)} if quirks else {})}))
+    audit.record_many(session, events)
     return True
 
 
@@ -122,7 +133,12 @@ def release_instances(session: Session, claims: Sequence[ClaimedInstance], *, wo
 
 def result_row(instance_id: int, frame_number: int, finding: ImageFinding, *, now: datetime) -> Result:
     """The ``results`` row of one frame's finding."""
-    return Result(
+    return Result(**result_values(instance_id, frame_number, finding, now=now))
+
+
+def result_values(instance_id: int, frame_number: int, finding: ImageFinding, *, now: datetime) -> dict[str, Any]:
+    """The column values of :func:`result_row`."""
+    return dict(
         instance_id=instance_id, frame_number=frame_number,
         **probability_values(finding.probabilities),
         predicted_class=finding.predicted.value, lesion_present=finding.lesion_present,
@@ -134,26 +150,42 @@ def result_row(instance_id: int, frame_number: int, finding: ImageFinding, *, no
     )
 
 
-def _record_output(session: Session, claim: ClaimedInstance, new: NewOutput, model: ModelIdentity, *,
-                   worker: str, destinations: Sequence[str], now: datetime) -> None:
-    output = session.scalars(select(Output).where(Output.sop_instance_uid == new.sop_instance_uid)).first()
-    replaced = output is not None
-    if output is None:
-        output = Output(kind=new.kind, study_id=claim.study_id, instance_id=claim.id,
-                        sop_instance_uid=new.sop_instance_uid, model_sha256=model.weights_sha256, created_at=now)
-        session.add(output)
-    output.series_instance_uid = new.series_instance_uid
-    output.sop_class_uid = new.sop_class_uid
-    output.file_path = new.file_path
-    output.instance_id = claim.id
-    output.removed_at = None
-    session.flush()
-    queue_deliveries(session, output.id, destinations, now=now)
-    audit.record(session, audit.Event(
+def _record_outputs(session: Session, claim: ClaimedInstance, outputs: Sequence[NewOutput], model: ModelIdentity, *,
+                    worker: str, destinations: Sequence[str], now: datetime) -> list[audit.Event]:
+    """Insert new outputs with one pending delivery per destination, update replaced ones
+    (the same UID: the image was processed again) and queue them again; returns their
+    ``output.written`` events, in order, for the caller to record."""
+    if not outputs:
+        return []
+    uids = [new.sop_instance_uid for new in outputs]
+    existing = dict(session.execute(select(Output.sop_instance_uid, Output.id)
+                                    .where(Output.sop_instance_uid.in_(uids))).all())
+    fresh = [new for new in outputs if new.sop_instance_uid not in existing]
+    if fresh:
+        ids = dict(session.execute(
+            insert(Output).returning(Output.sop_instance_uid, Output.id),
+            [{"kind": new.kind, "study_id": claim.study_id, "instance_id": claim.id,
+              "sop_instance_uid": new.sop_instance_uid, "series_instance_uid": new.series_instance_uid,
+              "sop_class_uid": new.sop_class_uid, "file_path": new.file_path, "model_sha256": model.weights_sha256,
+              "created_at": now, "removed_at": None} for new in fresh]).all())
+        if destinations:
+            session.execute(insert(Delivery), [
+                {"output_id": ids[new.sop_instance_uid], "destination": name, "state": DeliveryState.PENDING,
+                 "attempts": 0, "next_attempt_at": now, "updated_at": now} for new in fresh for name in destinations])
+    for new in outputs:
+        output_id = existing.get(new.sop_instance_uid)
+        if output_id is not None:
+            session.execute(update(Output).where(Output.id == output_id).values(
+                series_instance_uid=new.series_instance_uid, sop_class_uid=new.sop_class_uid,
+                file_path=new.file_path, instance_id=claim.id, removed_at=None)
+                .execution_options(synchronize_session=False))
+            queue_deliveries(session, output_id, destinations, now=now)
+    return [audit.Event(
         type=AuditEventType.OUTPUT_WRITTEN, actor=worker, outcome=Outcome.SUCCESS, study_uid=claim.study_instance_uid,
         series_uid=new.series_instance_uid, sop_uid=new.sop_instance_uid,
         detail={"kind": new.kind.value, "source_sop_uid": claim.sop_instance_uid, "path": new.file_path,
-                **({"note": "replaces an earlier output with the same UID"} if replaced else {})}))
+                **({"note": "replaces an earlier output with the same UID"} if new.sop_instance_uid in existing
+                   else {})}) for new in outputs]
 
 
 def queue_deliveries(session: Session, output_id: int, destinations: Sequence[str], *, now: datetime) -> int:

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from gastrolens.db import Database, audit
 from gastrolens.db.queue import claim_deliveries, claim_instances
@@ -28,6 +28,7 @@ from gastrolens.db.transitions import (
 from gastrolens.db.transitions_delivery import (
     RetryPolicy,
     record_delivery_attempt,
+    record_delivery_attempts,
     release_deliveries,
     requeue_deliveries,
 )
@@ -306,3 +307,25 @@ def test_finishing_again_replaces_outputs_and_queues_them_again(db):
         assert notes == [None, None, "replaces an earlier output with the same UID", None]
         assert audit.verify_chain(s).intact
     assert audit_types(db)[-3:] == ["output.written", "output.written", "instance.done"]
+
+
+def test_attempts_recorded_together_each_move_on_and_are_each_audited(db):
+    """record_delivery_attempts: one group, every outcome, one claim no longer held."""
+    deliveries(db, outputs=4)
+    claims = claim_one(db, "a", T0)
+    with db.session() as s:  # the fourth was taken over by another worker meanwhile
+        s.execute(update(Delivery).where(Delivery.id == claims[3].id).values(claimed_by="b"))
+    results = [sent(0), retry("busy", 0xA700), permanent("refused", 0xC000), sent(0)]
+    t1 = T0 + timedelta(seconds=1)
+    with db.session() as s:
+        states = record_delivery_attempts(s, [(c, r, t1) for c, r in zip(claims, results, strict=True)],
+                                          worker="a", policy=POLICY)
+    assert states == [DeliveryState.SENT, DeliveryState.RETRYING, DeliveryState.DEAD, None]
+    with db.session() as s:
+        rows = [s.get(Delivery, c.id) for c in claims]
+        assert [(r.attempts, r.claimed_by) for r in rows[:3]] == [(1, None)] * 3
+        assert rows[0].sent_at is not None and rows[1].last_status == 0xA700 and rows[2].last_error == "refused"
+        assert rows[1].next_attempt_at.replace(tzinfo=None) == (t1 + timedelta(seconds=10)).replace(tzinfo=None)
+        assert (rows[3].attempts, rows[3].claimed_by, rows[3].state) == (0, "b", DeliveryState.PENDING)
+        assert audit.verify_chain(s).intact
+    assert audit_types(db)[-3:] == ["delivery.sent", "delivery.retrying", "delivery.dead"]

@@ -28,7 +28,7 @@ from gastrolens.db.queue import ClaimedDelivery, claim_deliveries
 from gastrolens.db.tables import utcnow
 from gastrolens.db.transitions_delivery import (
     RetryPolicy,
-    record_delivery_attempt,
+    record_delivery_attempts,
     release_deliveries,
     requeue_deliveries,
 )
@@ -131,8 +131,7 @@ class DeliveryStep:
         if not group:
             return 0
         with self.db.session() as session:
-            states = [record_delivery_attempt(session, claim, result, worker=self.worker, policy=self.policy,
-                                              now=at) for claim, result, at in group]
+            states = record_delivery_attempts(session, group, worker=self.worker, policy=self.policy)
         for (claim, result, _), state in zip(group, states, strict=True):
             if state is None:
                 log.warning("delivery %d of %s: claimed by another worker meanwhile", claim.id,

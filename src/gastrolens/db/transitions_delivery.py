@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from gastrolens.db import audit
@@ -51,30 +52,60 @@ def record_delivery_attempt(session: Session, claim: ClaimedDelivery, result: Se
 
     Returns the new state, or None (nothing written) when ``worker`` no longer holds the claim.
     """
-    delivery = session.get(Delivery, claim.id)
-    if delivery is None or delivery.claimed_by != worker:
-        return None
-    delivery.attempts += 1
-    delivery.last_status = result.status
-    delivery.last_error = result.reason
-    delivery.claimed_by = delivery.lease_expires_at = None
-    if result.outcome is SendOutcome.SENT:
-        delivery.state, delivery.sent_at = DeliveryState.SENT, now
-    elif result.outcome is SendOutcome.RETRY and delivery.attempts < policy.max_attempts:
-        delivery.state, delivery.next_attempt_at = DeliveryState.RETRYING, now + policy.delay(delivery.attempts)
-    else:
-        delivery.state = DeliveryState.DEAD
-    event, outcome = _EVENTS[delivery.state]
-    audit.record(session, audit.Event(
-        type=event, actor=worker, outcome=outcome, study_uid=claim.study_instance_uid,
-        series_uid=claim.series_instance_uid, sop_uid=claim.sop_instance_uid,
-        detail={"delivery_id": delivery.id, "destination": delivery.destination, "attempt": delivery.attempts,
-                "result": result.outcome.value,
-                "peer_status": None if result.status is None else f"0x{result.status:04X}",
-                "error": result.reason,
-                "next_attempt_at": (delivery.next_attempt_at.isoformat()
-                                    if delivery.state is DeliveryState.RETRYING else None)}))
-    return delivery.state
+    return record_delivery_attempts(session, [(claim, result, now)], worker=worker, policy=policy)[0]
+
+
+_DELIVERIES = cast(Table, Delivery.__table__)
+_RECORD = (
+    update(_DELIVERIES).where(_DELIVERIES.c.id == bindparam("b_id"))
+    .values({name: bindparam(f"b_{name}") for name in (
+        "state", "attempts", "last_status", "last_error", "claimed_by", "lease_expires_at", "sent_at",
+        "next_attempt_at", "updated_at")})
+)
+
+
+def record_delivery_attempts(session: Session, attempts: Sequence[tuple[ClaimedDelivery, SendResult, datetime]], *,
+                             worker: str, policy: RetryPolicy) -> list[DeliveryState | None]:
+    """:func:`record_delivery_attempt` for each ``(claim, result, time of the result)``, in
+    order, in a few statements (one read, one executemany UPDATE, one audit INSERT): each
+    attempt still gets its own row update and its own audit event."""
+    if not attempts:
+        return []
+    held = {row.id: row for row in session.execute(
+        select(Delivery.id, Delivery.attempts, Delivery.destination, Delivery.sent_at, Delivery.next_attempt_at)
+        .where(Delivery.id.in_([claim.id for claim, _, _ in attempts]), Delivery.claimed_by == worker))}
+    states: list[DeliveryState | None] = []
+    rows: list[dict[str, object]] = []
+    events: list[audit.Event] = []
+    for claim, result, now in attempts:
+        row = held.pop(claim.id, None)  # popped: a claim listed twice is recorded once
+        if row is None:
+            states.append(None)
+            continue
+        tries, sent_at, next_attempt_at = row.attempts + 1, row.sent_at, row.next_attempt_at
+        if result.outcome is SendOutcome.SENT:
+            state, sent_at = DeliveryState.SENT, now
+        elif result.outcome is SendOutcome.RETRY and tries < policy.max_attempts:
+            state, next_attempt_at = DeliveryState.RETRYING, now + policy.delay(tries)
+        else:
+            state = DeliveryState.DEAD
+        states.append(state)
+        rows.append({"b_id": claim.id, "b_state": state, "b_attempts": tries, "b_last_status": result.status,
+                     "b_last_error": result.reason, "b_claimed_by": None, "b_lease_expires_at": None,
+                     "b_sent_at": sent_at, "b_next_attempt_at": next_attempt_at, "b_updated_at": now})
+        event, outcome = _EVENTS[state]
+        events.append(audit.Event(
+            type=event, actor=worker, outcome=outcome, study_uid=claim.study_instance_uid,
+            series_uid=claim.series_instance_uid, sop_uid=claim.sop_instance_uid,
+            detail={"delivery_id": claim.id, "destination": row.destination, "attempt": tries,
+                    "result": result.outcome.value,
+                    "peer_status": None if result.status is None else f"0x{result.status:04X}",
+                    "error": result.reason,
+                    "next_attempt_at": next_attempt_at.isoformat() if state is DeliveryState.RETRYING else None}))
+    if rows:
+        session.execute(_RECORD, rows)
+        audit.record_many(session, events)
+    return states
 
 
 def release_deliveries(session: Session, claims: Sequence[ClaimedDelivery], *, worker: str) -> int:

@@ -158,3 +158,17 @@ def test_an_image_sr_is_no_study_report(tmp_path):
     image_sr = next(w for w in written if w.kind.value == "sr")
     with pytest.raises(OutputError, match="no study conclusion"):
         read_study_report(image_sr.path)
+
+
+def test_a_study_judged_by_two_models_names_both(tmp_path):
+    pairs = []
+    for i, (cls, model) in enumerate([(LesionClass.PU, TRAINED), (LesionClass.PU, UNTRAINED)]):
+        source = make_source([endoscopy_frame(32, 40, seed=i)], study_uid=STUDY)
+        pairs.append((source, [make_finding(lesion_mask(32, 40), cls, confidence=0.7 + i / 10, model=model)]))
+    written = write_study_sr(pairs, tmp_path, fsync=False)
+    rows = obx_rows(parsed(build_oru(read_study_report(written.output.path), destination()).text))
+    models = [value for _, code, value, _ in rows if code == "111001"]
+    assert len(models) == 2 and any(TRAINED.weights_sha256 in m for m in models)
+    assert any(UNTRAINED.weights_sha256 in m and m.endswith("(untrained)") for m in models)
+    assert [value for kind, code, value, _ in rows if kind == "NM"] == ["0.8000"], "one OBX per class, its best"
+    assert [value for _, code, value, _ in rows if code == "121106"] == [UNTRAINED_WARNING]

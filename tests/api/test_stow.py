@@ -132,6 +132,21 @@ def test_resent_instances_follow_the_duplicate_and_version_rules(node: StowNode)
     assert [e.sop_uid for e in node.events(AuditEventType.INSTANCE_NEW_VERSION.value)].count(uid) == 1
 
 
+def test_one_uid_sent_twice_in_one_request_is_versioned_in_the_order_sent(node: StowNode) -> None:
+    study = generate_uid()
+    first, second = instance(study, seed=31), instance(study, seed=32)
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    second.SeriesInstanceUID = first.SeriesInstanceUID
+    others = [part10(instance(study, seed=40 + n)) for n in range(4)]  # many parts: the parallel path's size
+
+    answer = node.post([*others[:2], part10(first), *others[2:], part10(second)])
+
+    assert answer.status_code == 200
+    rows = sorted((r.version, r.superseded, r.sha256) for r in node.instances()
+                  if r.sop_instance_uid == first.SOPInstanceUID)
+    assert rows == [(1, True, sha256(part10(first))), (2, False, sha256(part10(second)))]
+
+
 def test_bad_parts_are_quarantined_with_their_reason_and_the_rest_is_stored(node: StowNode) -> None:
     study = generate_uid()
     good = instance(study)

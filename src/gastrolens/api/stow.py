@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from gastrolens import metrics
 from gastrolens.api.auth import Principal, Role
 from gastrolens.api.context import ApiContext, ApiError, authorize, context_of
-from gastrolens.api.multipart import BodyError, SpooledParts, boundary_of
+from gastrolens.api.multipart import BodyError, Part, SpooledParts, boundary_of
 from gastrolens.api.routes_data import Credentials
 from gastrolens.api.stow_response import DICOM_JSON, DICOM_XML, build_response, dicomweb_root, to_xml, wants_xml
 from gastrolens.db import audit
@@ -47,6 +50,8 @@ from gastrolens.storage.store import INCOMING
 
 log = logging.getLogger(__name__)
 
+PARALLEL_PARTS = 4
+"""Parts of one request in the ingest at once (see :func:`_ingest_all`)."""
 PART10_PREFIX = bytes(128) + b"DICM"
 SOURCE = "STOW-RS"
 """What an instance row records where a C-STORE's records the calling AE title."""
@@ -134,8 +139,36 @@ def _spool(request: Request, ctx: ApiContext) -> SpooledParts:
 
 def _ingest_all(ingest: Ingest, body: SpooledParts, facts: RequestFacts, study: str | None,
                 accepted: frozenset[str]) -> list[IngestOutcome]:
-    """Each part through the ingest, in order; the ingest answers and audits every one."""
-    return [_ingest_one(ingest, as_part10(body.read(part)), facts, study, accepted) for part in body.parts]
+    """Each part through the ingest; the ingest answers and audits every one. The outcomes are in
+    the parts' order.
+
+    Parts go through ``PARALLEL_PARTS`` at a time, as that many C-STORE associations would (one
+    part's fsyncs overlap another's header check and commit), when their SOP Instance UIDs are
+    all distinct; a request that sends one UID twice (a correction after the original) goes one
+    part after the other, so its versions are numbered in the order sent.
+    """
+    def one(part: Part) -> IngestOutcome:
+        return _ingest_one(ingest, as_part10(body.read(part)), facts, study, accepted)
+
+    if len(body.parts) < 2 or not _distinct_instances(body):
+        return [one(part) for part in body.parts]
+    with ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="gastrolens-stow") as pool:
+        return list(pool.map(one, body.parts))
+
+
+def _distinct_instances(body: SpooledParts) -> bool:
+    """Whether every part names a SOP Instance UID of its own (False when one cannot be read)."""
+    seen: set[str] = set()
+    for part in body.parts:
+        try:
+            uid = dcmread(BytesIO(as_part10(body.read(part))), stop_before_pixels=True,
+                          specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID")
+        except Exception:  # unreadable here: the ingest will judge it; stay sequential to be safe
+            return False
+        if not uid or str(uid) in seen:
+            return False
+        seen.add(str(uid))
+    return True
 
 
 def as_part10(data: bytes) -> bytes:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from gastrolens.config.schema import DaemonSettings, DicomSettings, ServiceRole
 from gastrolens.db.states import AuditEventType, InstanceState, Outcome
 from support import postgres_schema
 
@@ -42,6 +43,7 @@ from .stow_node import (
     sequence,
     sha256,
     stow_node,
+    stow_settings,
     value,
 )
 
@@ -365,3 +367,28 @@ def test_gastrolens_api_token_makes_a_sender(capsys: pytest.CaptureFixture[str])
     principal = TokenRegistry([APIToken(**table)]).identify(token)
     assert principal is not None and principal.role is Role.SENDER
     assert not principal.role.grants(Role.VIEWER) and not Role.AUDITOR.grants(Role.SENDER)
+
+
+@pytest.mark.parametrize(("role", "processes", "stores"), [
+    ("all", 1, "its C-STORE ingest"), ("receiver", 2, "an ingest of its own"), ("worker", 1, "nothing"),
+])
+def test_the_service_hands_its_api_the_ingest_of_its_role(tmp_path: Path, role: str, processes: int,
+                                                          stores: str) -> None:
+    from gastrolens.daemon.service import Service
+
+    settings = stow_settings(f"sqlite:///{tmp_path / 'gastrolens.db'}", tmp_path / "storage").model_copy(
+        update={"daemon": DaemonSettings(role=ServiceRole(role)),
+                "dicom": DicomSettings(port=0, receiver_processes=processes)})
+    service = Service(settings)
+    try:
+        if stores == "nothing":
+            assert service.stow_ingest is None
+        elif stores == "its C-STORE ingest":
+            assert service.stow_ingest is not None and service.stow_ingest is service.ingest
+        else:
+            assert service.ingest is None and service.stow_ingest is not None
+            assert service.stow_ingest._write_lock is service.receiver.write_lock  # type: ignore[union-attr]
+    finally:
+        if service.stow_ingest is not None:
+            service.stow_ingest.close()
+        service.db.dispose()

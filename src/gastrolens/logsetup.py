@@ -36,10 +36,11 @@ def configure(level: int | str, *, tag: str = "", fmt: str | None = None) -> Non
     os.environ[FORMAT_ENV] = fmt
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        handler.setFormatter(JsonFormatter(  # time: ISO 8601 in UTC; a traceback in exc_info
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
             static_fields={"process": tag} if tag else {},
+            timestamp="time",
         ))
     else:
         prefix = f"[{tag}] " if tag else ""

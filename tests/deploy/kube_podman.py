@@ -13,6 +13,8 @@ the manifests themselves stay as a cluster takes them):
   inside the image, which has none): the test polls ``/healthz`` itself, as the kubelet would;
 - resource requests and limits are left out (the cgroup controllers are not delegated here);
 - ``restartPolicy: Never``, so that a container the test kills stays dead;
+- the test's own settings come as environment variables, and what a variable cannot say
+  (``[[destinations]]``) is appended to the ConfigMap's file;
 - a Job becomes a Pod that runs once; Services and PodDisruptionBudgets have no podman meaning
   and are checked by tests/deploy/test_manifests.py instead.
 """
@@ -62,11 +64,16 @@ def secrets_of(docs: list[Doc]) -> dict[str, dict[str, str]]:
 
 
 def podman_documents(docs: list[Doc], *, image: str, volume: Path, env: Mapping[str, str],
-                     replicas: Mapping[str, int], jobs: bool,
-                     api_port: Callable[[], int]) -> tuple[list[Doc], list[PodSpec]]:
+                     replicas: Mapping[str, int], jobs: bool, api_port: Callable[[], int],
+                     config_append: str = "") -> tuple[list[Doc], list[PodSpec]]:
     """ConfigMaps plus Pods: the Jobs' (``jobs``) or ``replicas[name]`` of each named Deployment."""
     secrets = secrets_of(docs)
-    out = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    out = []
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            doc = copy.deepcopy(doc)
+            doc["data"] = {key: value + config_append for key, value in doc["data"].items()}
+            out.append(doc)
     specs: list[PodSpec] = []
     for doc in docs:
         name = doc["metadata"]["name"]

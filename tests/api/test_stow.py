@@ -392,3 +392,12 @@ def test_the_service_hands_its_api_the_ingest_of_its_role(tmp_path: Path, role: 
         if service.stow_ingest is not None:
             service.stow_ingest.close()
         service.db.dispose()
+
+
+def test_a_preamble_before_the_first_boundary_is_skipped(node: StowNode) -> None:
+    ds = instance(generate_uid())
+    body, boundary = multipart([part10(ds)])
+    answer = httpx.post(f"{node.url}/dicomweb/studies", content=b"This is a multipart message (RFC 2046).\r\n" + body,
+                        headers={**SENDER, "Content-Type": f"{DICOM}; boundary={boundary}"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert [value(i, SOP_INSTANCE) for i in sequence(answer, REFERENCED_SOP_SEQUENCE)] == [ds.SOPInstanceUID]

@@ -26,7 +26,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
 DICOM_MEDIA_TYPE = "application/dicom"
-READ_SIZE = 1 << 20
+MAX_PREAMBLE_BYTES = 64 * 1024
+"""Text before the first boundary (RFC 2046 allows a preamble) is skipped, up to this much."""
 
 
 class BodyError(Exception):
@@ -85,6 +86,8 @@ class SpooledParts:
     _header_value: bytes = b""
     _content_type: str | None = None
     _ended: bool = False
+    _head: bytes | None = b""
+    """What arrived before the first boundary was found; None once it was."""
 
     def __post_init__(self) -> None:
         folder = self.folder if self.folder is not None and self.folder.is_dir() else None
@@ -107,17 +110,37 @@ class SpooledParts:
         self.received_bytes += len(chunk)
         if self.received_bytes > self.max_body_bytes:
             raise BodyError(413, f"the request body exceeds api.stow_max_body_bytes ({self.max_body_bytes} bytes)")
+        if self._head is not None:
+            chunk = self._skip_preamble(chunk)
+            if not chunk:
+                return
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
-            raise BodyError(400, f"the body is not valid multipart/related: {exc}") from exc
+            raise BodyError(400, f"the body is not valid multipart/related: {_message(exc)}") from exc
+
+    def _skip_preamble(self, chunk: bytes) -> bytes:
+        """The body from its first boundary on, once it has arrived; b"" until then."""
+        assert self._head is not None
+        head = self._head + chunk
+        delimiter = b"--" + self.boundary.encode("latin-1")
+        at = 0 if head.startswith(delimiter) else head.find(b"\r\n" + delimiter)
+        if at < 0:
+            if len(head) > MAX_PREAMBLE_BYTES:
+                raise BodyError(400, f"no multipart boundary in the first {MAX_PREAMBLE_BYTES} bytes of the body")
+            self._head = head
+            return b""
+        self._head = None
+        return head[at + 2 if at else 0:] if head[at:at + 2] == b"\r\n" else head[at:]
 
     def finish(self) -> list[Part]:
         """The parts, once the whole body was fed; BodyError 400 if it was cut short or held none."""
+        if self._head is not None:
+            raise BodyError(400, "the body holds no multipart boundary")
         try:
             self._parser.finalize()
         except MultipartParseError as exc:
-            raise BodyError(400, f"the body is not valid multipart/related: {exc}") from exc
+            raise BodyError(400, f"the body is not valid multipart/related: {_message(exc)}") from exc
         if not self._ended:
             raise BodyError(400, "the multipart body ends before its closing boundary")
         if not self.parts:
@@ -170,3 +193,10 @@ class SpooledParts:
 
     def _end(self) -> None:
         self._ended = True
+
+
+def _message(exc: MultipartParseError) -> str:
+    """The parser's message (python-multipart 0.0.x repeats it)."""
+    text = str(exc)
+    half = len(text) // 2
+    return text[:half] if len(text) % 2 == 0 and text[:half] == text[half:] else text

@@ -160,6 +160,12 @@ def test_frames_native_and_jpeg(held: Held) -> None:
     jpeg = held.client.retrieve_instance_frames(held.study_a, held.overlay_series, held.overlay, [1],
                                                 media_types=("image/jpeg",))
     assert jpeg == [get_frame(overlay.PixelData, 0, number_of_frames=1)] and jpeg[0][:2] == b"\xff\xd8"
+    url = (f"{held.node.url}/dicomweb/studies/{held.study_a}/series/{held.overlay_series}/instances/"
+           f"{held.overlay}/frames/1")
+    labelled = httpx.get(url, headers={**VIEWER, "Accept": 'multipart/related; type="application/octet-stream"; '
+                                                           "transfer-syntax=*"})
+    assert "Content-Type: application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.50" in labelled.text[:300]
+    assert jpeg[0] in labelled.content
     missing = httpx.get(f"{held.node.url}/dicomweb/studies/{held.study_a}/series/{held.native_series}/instances/"
                         f"{sop}/frames/2", headers=VIEWER)
     assert missing.status_code == 400 and "1 frame" in missing.json()["detail"]

@@ -14,8 +14,8 @@ overlay, study SR) still stored, so a SEG is shown over its source images. Reads
 * WADO-RS: a study, series or instance as ``multipart/related; type="application/dicom"``
   (each file exactly as stored, in its stored transfer syntax); ``.../metadata`` as DICOM
   JSON without bulk data (a BulkDataURI names the instance); ``.../frames/{n[,m...]}``:
-  native frames as ``application/octet-stream``, compressed ones as stored
-  (``image/jpeg``, ``image/jls``, ``image/jp2``, or octet-stream with the transfer syntax).
+  native frames as ``application/octet-stream``, compressed ones as stored (``image/jpeg``,
+  ``image/jls``, ``image/jp2`` when accepted, else octet-stream naming the transfer syntax).
   Frames of a bit-packed (1-bit) image are not split out: retrieve the instance.
 """
 
@@ -150,7 +150,7 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
     if ds is None:
         raise ApiError(404, f"instance {sop} is no longer stored")
     try:
-        parts = frame_parts(ds, numbers)
+        parts = frame_parts(ds, numbers, accept=request.headers.get("accept", ""))
     except ValueError as exc:
         raise ApiError(400, str(exc)) from exc
     boundary = uuid.uuid4().hex
@@ -160,8 +160,13 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
                                      f"boundary={boundary}")
 
 
-def frame_parts(ds: Dataset, numbers: Sequence[int]) -> list[tuple[str, bytes]]:
-    """(Content-Type, bytes) of each 1-based frame of ``ds``; ValueError for a frame it does not have."""
+def frame_parts(ds: Dataset, numbers: Sequence[int], *, accept: str = "") -> list[tuple[str, bytes]]:
+    """(Content-Type, bytes) of each 1-based frame of ``ds``; ValueError for a frame it does not have.
+
+    A compressed frame is labelled with its image media type (``image/jpeg``...) when ``accept``
+    names it, else as ``application/octet-stream`` with its transfer syntax (what a viewer that
+    accepts ``transfer-syntax=*`` expects).
+    """
     if "PixelData" not in ds:
         raise ValueError("the instance has no pixel data")
     count = int(ds.get("NumberOfFrames") or 1)
@@ -170,7 +175,9 @@ def frame_parts(ds: Dataset, numbers: Sequence[int]) -> list[tuple[str, bytes]]:
             raise ValueError(f"frame {n} does not exist: the instance has {count} frame(s)")
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax.is_encapsulated:
-        kind = COMPRESSED_FRAME_TYPES.get(str(syntax), f"application/octet-stream; transfer-syntax={syntax}")
+        image_type = COMPRESSED_FRAME_TYPES.get(str(syntax))
+        kind = (image_type if image_type and image_type in accept.lower()
+                else f"application/octet-stream; transfer-syntax={syntax}")
         return [(kind, get_frame(ds.PixelData, n - 1, number_of_frames=count)) for n in numbers]
     if int(ds.BitsAllocated) == 1:
         raise ValueError("frames of a bit-packed (1-bit) image are not split out: retrieve the instance")

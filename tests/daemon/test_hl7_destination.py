@@ -7,19 +7,26 @@ not send with (the sender is python-hl7's MLLP client).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from io import BytesIO
 
 import pytest
 from sqlalchemy import select
 
+from dicom_io.documents.synthetic import endoscopy_frame as frame
+from dicom_io.documents.synthetic import lesion_mask, make_finding, make_source
+from gastrolens.config.schema import HL7
 from gastrolens.daemon.completion import StudyCompletion
 from gastrolens.daemon.delivery import DeliveryStep
+from gastrolens.daemon.destinations import HL7Sender, Outgoing
 from gastrolens.daemon.pipeline import InferenceStep
 from gastrolens.db.states import AuditEventType, DeliveryState
 from gastrolens.db.tables import AuditEvent, Delivery, Output
+from gastrolens.dicom_io.documents.outputs import write_study_sr
 from gastrolens.findings import LesionClass, OutputKind
 from gastrolens.samples import as_dicom, endoscopy_frame
+from gastrolens.sending import SendOutcome
 from hl7v2.listener import Listener
 
 CHINESE = "张黎明"
@@ -144,3 +151,23 @@ def test_a_charset_that_cannot_hold_the_name_is_dead_at_once(make_stage, tiny_en
     run(stage, tiny_engine)
     assert [state for *_, state, _ in deliveries(stage)] == [DeliveryState.DEAD]
     assert listener.received == []
+
+
+def test_a_silent_listener_costs_one_timeout_per_round(tmp_path):
+    paths = []
+    for i in range(3):
+        source = make_source([frame(16, 16, seed=i)])
+        written = write_study_sr([(source, [make_finding(lesion_mask(16, 16), LesionClass.PU)])], tmp_path / str(i),
+                                 fsync=False)
+        paths.append(Outgoing(path=written.output.path, sop_class_uid=written.output.sop_class_uid,
+                              sop_instance_uid=written.output.sop_instance_uid,
+                              study_instance_uid=str(source.StudyInstanceUID), kind=OutputKind.STUDY_SR))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        sender = HL7Sender(HL7.model_validate(hl7_destination(silent.getsockname()[1], ack_timeout_seconds=0.6)))
+        started = time.monotonic()
+        results = list(sender.send(paths))
+    assert [r.outcome for r in results] == [SendOutcome.RETRY] * 3
+    assert time.monotonic() - started < 1.2, "one timeout (0.6 s), not one per message"
+    assert "no ACK within 0.6 s" in results[0].reason and all("not tried" in r.reason for r in results[1:])

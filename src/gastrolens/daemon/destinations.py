@@ -34,7 +34,7 @@ from gastrolens.dicom_io.net.send import send_files
 from gastrolens.dicom_io.net.stow import StowObject, stow_files
 from gastrolens.errors import OutputError
 from gastrolens.findings import OutputKind
-from gastrolens.hl7v2.mllp import send_message
+from gastrolens.hl7v2.mllp import UNREACHABLE, send_message
 from gastrolens.hl7v2.oru import build_oru
 from gastrolens.sending import SendResult, permanent, retry, sent
 from gastrolens.storage.atomic import write_atomic
@@ -103,8 +103,13 @@ class HL7Sender:
     destination: HL7
 
     def send(self, objects: Sequence[Outgoing]) -> Iterator[SendResult]:
-        for item in objects:
-            yield self._send(item)
+        for index, item in enumerate(objects):
+            result = self._send(item)
+            yield result
+            if result.reason is not None and result.reason.startswith(UNREACHABLE):
+                # a listener that does not answer is not asked again in this round: one timeout, not one each
+                yield from (retry(f"{result.reason} (not tried)") for _ in objects[index + 1:])
+                return
 
     def _send(self, item: Outgoing) -> SendResult:
         if item.kind is not OutputKind.STUDY_SR:

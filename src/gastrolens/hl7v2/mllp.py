@@ -27,6 +27,9 @@ from gastrolens.sending import SendResult, permanent, retry, sent
 
 log = logging.getLogger(__name__)
 
+UNREACHABLE = "HL7: no answer"
+"""How the result of a message the listener never answered begins (a timeout, a refused or dropped connection)."""
+
 ACCEPTED = frozenset({"AA", "CA"})
 REFUSED = frozenset({"AE", "AR", "CE", "CR"})
 
@@ -46,11 +49,11 @@ def send_message(text: str, control_id: str, destination: HL7) -> SendResult:
     try:
         answer = asyncio.run(_exchange(payload, destination))
     except TimeoutError:
-        return retry(f"HL7: no ACK within {destination.ack_timeout_seconds:g} s")
+        return retry(f"{UNREACHABLE}: no ACK within {destination.ack_timeout_seconds:g} s")
     except OSError as exc:
-        return retry(f"HL7: cannot reach {destination.host}:{destination.port}: {exc.strerror or exc}")
+        return retry(f"{UNREACHABLE}: cannot reach {destination.host}:{destination.port}: {exc.strerror or exc}")
     except asyncio.IncompleteReadError:
-        return retry("HL7: the listener closed the connection without an ACK")
+        return retry(f"{UNREACHABLE}: the listener closed the connection without an ACK")
     except (InvalidBlockError, ValueError) as exc:  # a malformed or oversized MLLP block
         return retry(f"HL7: unreadable answer: {exc}")
     return judge_ack(answer, control_id, destination)

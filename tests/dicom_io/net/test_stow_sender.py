@@ -184,3 +184,13 @@ def test_an_https_ca_must_be_readable(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         DicomWeb(kind="dicomweb", name="a", url="https://pacs/dicom-web", ca=tmp_path / "none.pem")
     assert DicomWeb(kind="dicomweb", name="a", url="http://pacs/dicom-web", ca=tmp_path / "none.pem").ca
+
+
+def test_a_server_that_does_not_answer_costs_one_timeout_per_round(peer, output):
+    peer.delay = 2.0
+    peer.sent_uid = output.sop_instance_uid
+    started = time.monotonic()
+    results = list(stow_files([output, output, output], peer.destination(timeout_seconds=0.3)))
+    assert [r.outcome for r in results] == [SendOutcome.RETRY] * 3
+    assert len(peer.requests) == 1 and time.monotonic() - started < 1.5
+    assert all("not tried" in r.reason for r in results[1:])

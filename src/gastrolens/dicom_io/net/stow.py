@@ -38,6 +38,8 @@ from gastrolens.sending import SendOutcome, SendResult, permanent, retry, sent
 
 log = logging.getLogger(__name__)
 
+NO_ANSWER = "STOW-RS: no answer"
+
 RETRIED_4XX = frozenset({HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS})
 """The client errors that say "later" rather than "never"."""
 
@@ -63,11 +65,20 @@ def client_for(destination: DicomWeb, session: requests.Session | None = None) -
 
 
 def stow_files(objects: Sequence[StowObject], destination: DicomWeb) -> Iterator[SendResult]:
-    """STOW-RS each object to ``destination``; yields one result per object, in order."""
+    """STOW-RS each object to ``destination``; yields one result per object, in order.
+
+    When the server does not answer (timeout, refused or dropped connection), the objects
+    after that one are not tried: each is retried later with the same reason, as when a
+    DICOM association cannot be opened, so a dead server costs one timeout, not one each.
+    """
     with requests.Session() as session:
         client = client_for(destination, session)
-        for item in objects:
-            yield stow_one(client, item)
+        for index, item in enumerate(objects):
+            result = stow_one(client, item)
+            yield result
+            if result.reason is not None and result.reason.startswith(NO_ANSWER):
+                yield from (retry(f"{result.reason} (not tried)") for _ in objects[index + 1:])
+                return
 
 
 def stow_one(client: DICOMwebClient, item: StowObject) -> SendResult:
@@ -82,7 +93,7 @@ def stow_one(client: DICOMwebClient, item: StowObject) -> SendResult:
     except requests.HTTPError as exc:
         return _http_error(exc, item.sop_instance_uid)
     except (requests.Timeout, requests.ConnectionError) as exc:
-        return retry(f"STOW-RS: no answer ({exc.__class__.__name__}: {_short(exc)})")
+        return retry(f"{NO_ANSWER} ({exc.__class__.__name__}: {_short(exc)})")
     except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
             requests.exceptions.InvalidSchema) as exc:
         return permanent(f"STOW-RS: bad URL: {_short(exc)}")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
-from urllib.parse import urlsplit
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,

@@ -131,13 +131,8 @@ def release_instances(session: Session, claims: Sequence[ClaimedInstance], *, wo
     return released
 
 
-def result_row(instance_id: int, frame_number: int, finding: ImageFinding, *, now: datetime) -> Result:
-    """The ``results`` row of one frame's finding."""
-    return Result(**result_values(instance_id, frame_number, finding, now=now))
-
-
 def result_values(instance_id: int, frame_number: int, finding: ImageFinding, *, now: datetime) -> dict[str, Any]:
-    """The column values of :func:`result_row`."""
+    """The column values of the ``results`` row of one frame's finding."""
     return dict(
         instance_id=instance_id, frame_number=frame_number,
         **probability_values(finding.probabilities),

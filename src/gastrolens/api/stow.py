@@ -103,8 +103,8 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
     try:
         body = _spool(request, ctx)
         try:
-            async for chunk in request.stream():
-                body.write(chunk)
+            async for chunk in request.stream():  # parsed and written off the event loop
+                await run_in_threadpool(body.write, chunk)
             parts = body.finish()
             outcomes = await run_in_threadpool(_ingest_all, ctx.ingest, body, facts, study,
                                                frozenset(ctx.settings.dicom.accepted_sop_classes))

@@ -121,6 +121,25 @@ def test_study_sr_revisions_name_their_predecessor(stage, tiny_engine, study_uid
     assert study.conclusion in {"normal", "pu", "egc_hgin", "agc", "smt"}
 
 
+def test_a_revision_reads_only_the_sources_it_has_not_read_before(stage, tiny_engine, study_uid, monkeypatch):
+    """Study SR revision n+1 takes the headers revision n read from the cache: only the late image is read."""
+    import gastrolens.daemon.completion as completion_module
+
+    read = []
+    real = completion_module.dcmread
+    monkeypatch.setattr(completion_module, "dcmread", lambda path, **kw: read.append(path.name) or real(path, **kw))
+    step = InferenceStep(stage.settings, stage.db, stage.store, tiny_engine, "w")
+    completion = StudyCompletion(stage.settings, stage.db, stage.store, "w")
+    stage.receive(study_uid, seed=1)
+    stage.receive(study_uid, seed=2)
+    step.run_once()
+    assert completion.run_once() == 1 and len(read) == 2
+    stage.receive(study_uid, seed=3)  # a late image
+    step.run_once()
+    assert completion.run_once() == 1
+    assert len(read) == 3 and len(set(read)) == 3, "revision 2 read the late image only"
+
+
 def test_quiet_period_delays_the_study_sr(make_stage, tiny_engine, study_uid):
     stage = make_stage(scheduler={"study_quiet_seconds": 3600})
     stage.receive(study_uid)

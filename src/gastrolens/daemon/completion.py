@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -54,6 +55,8 @@ from gastrolens.storage.store import Store
 log = logging.getLogger(__name__)
 
 SIGNAL_POLL_SECONDS = 0.5
+HEADER_CACHE = 4096
+"""Source headers (without pixel data) kept between study SR revisions."""
 """How often :meth:`StudyCompletion.run_signals` looks for MPPS and command signals."""
 
 
@@ -65,6 +68,9 @@ class StudyCompletion:
         self.worker = worker
         self._destination_names = tuple(d.name for d in settings.destinations)
         self._lock = threading.Lock()  # the quiet timer and the signal poll never report at once
+        self._headers: OrderedDict[tuple[int, str], Dataset] = OrderedDict()
+        """Stored source headers already read, by (instance id, file path): each revision
+        of a study SR reads every source of the study, and a stored file never changes."""
 
     # -- MPPS and command signals --------------------------------------------------------
 
@@ -250,10 +256,20 @@ class StudyCompletion:
     def _stored_header(self, instance: Instance) -> Dataset | None:
         """The stored source's header, or None when retention (or anything else) removed the file."""
         if instance.removed_at is None:
+            key = (instance.id, instance.file_path)
+            header = self._headers.get(key)
+            if header is not None:
+                self._headers.move_to_end(key)
+                return header
             try:
-                return dcmread(self.store.absolute(instance.file_path), stop_before_pixels=True)
+                header = dcmread(self.store.absolute(instance.file_path), stop_before_pixels=True)
             except FileNotFoundError:
                 log.warning("source %s is missing from the store", instance.sop_instance_uid)
+                return None
+            self._headers[key] = header
+            while len(self._headers) > HEADER_CACHE:
+                self._headers.popitem(last=False)
+            return header
         return None
 
 

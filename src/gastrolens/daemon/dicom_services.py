@@ -29,13 +29,11 @@ from gastrolens.db.transitions_services import (
 from gastrolens.dicom_io.net.commitment import CommitmentReport, CommitmentRequest, StorageCommitmentSCP
 from gastrolens.dicom_io.net.mpps import ProcedureStepSCP, StepAnswer, StepRequest
 from gastrolens.dicom_io.net.query_retrieve import QueryRetrieve
-from gastrolens.dicom_io.net.services import STATUS_NO_SUCH_OBJECT, DicomService
+from gastrolens.dicom_io.net.services import STATUS_CLASS_INSTANCE_CONFLICT, STATUS_NO_SUCH_OBJECT, DicomService
 from gastrolens.errors import GastroLensError
 from gastrolens.storage.store import Store
 
 log = logging.getLogger(__name__)
-
-CLASS_INSTANCE_CONFLICT = 0x0119
 
 
 def dicom_services(settings: Settings, db: Database, store: Store,
@@ -67,7 +65,7 @@ class DatabaseCommitmentBook:
             if found is None or not self.store.absolute(found.file_path).is_file():
                 failed[sop_uid] = STATUS_NO_SUCH_OBJECT
             elif found.sop_class_uid != sop_class:
-                failed[sop_uid] = CLASS_INSTANCE_CONFLICT
+                failed[sop_uid] = STATUS_CLASS_INSTANCE_CONFLICT
         return failed
 
     def requested(self, request: CommitmentRequest) -> None:

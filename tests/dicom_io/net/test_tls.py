@@ -334,3 +334,20 @@ def test_a_key_that_does_not_match_the_cert_is_a_config_error(tmp_path: Path, pk
     config = _tls_config(tmp_path, pki, ca=True, cert=pki / "client.crt")
     with pytest.raises(ConfigError, match="dicom.tls: cert .* and key .* do not load"):
         load_settings(config, environ={})
+
+
+def test_client_tls_args_as_every_sender_uses_them(pki: Path) -> None:
+    """Delivery, C-MOVE and storage commitment reports share one client side: none without TLS; else the peer's
+    certificate checked against its CA (not its host name) and ours presented when configured."""
+    import ssl
+
+    from gastrolens.config.schema import DestinationTLS
+    from gastrolens.dicom_io.net.tls import client_tls_args
+
+    assert client_tls_args(DestinationTLS(), "pacs") is None
+    tls = DestinationTLS(enabled=True, ca=pki / "ca.crt", cert=pki / "client.crt", key=pki / "client.key")
+    args = client_tls_args(tls, "pacs")
+    assert args is not None
+    ctx, host = args
+    assert host == "pacs" and ctx.verify_mode == ssl.CERT_REQUIRED and not ctx.check_hostname
+    assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "GastroLens test ca"),),)]

@@ -35,7 +35,9 @@ from gastrolens.dicom_io.net.services import (
     STATUS_REFUSED_NOT_AUTHORISED,
     STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+    requestor,
 )
+from gastrolens.dicom_io.net.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +138,7 @@ class StorageCommitmentSCP:
     def on_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """Answer the N-ACTION; the N-EVENT-REPORT follows from a thread of its own."""
         assoc = event.assoc
-        calling_ae = assoc.requestor.ae_title.strip()
-        actor = f"dicom:{calling_ae}@{assoc.requestor.address}"
+        calling_ae, actor = requestor(event)
         try:
             return self._on_action(event, assoc, calling_ae, actor)
         except Exception as exc:  # the last-resort guard: answer and audit, never raise
@@ -243,7 +244,7 @@ class StorageCommitmentSCP:
         role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scu_role=False, scp_role=True)
         try:
             assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role],
-                                 tls_args=client_tls(peer))
+                                 tls_args=client_tls_args(peer.tls, peer.host))
         except (OSError, ssl.SSLError) as exc:
             ae.shutdown()
             return f"cannot connect: {exc}"
@@ -292,14 +293,3 @@ def event_information(request: CommitmentRequest, failures: Mapping[str, int], r
         info.FailedSOPSequence = failed
     return info
 
-
-def client_tls(peer: KnownPeer) -> tuple[ssl.SSLContext, str] | None:
-    """The TLS arguments for an association to ``peer``, as for a DICOM destination."""
-    tls = peer.tls
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.check_hostname = False  # as for destinations: PACS certificates rarely name the configured host
-    if tls.cert and tls.key:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    return ctx, peer.host

@@ -34,6 +34,7 @@ from pynetdicom.association import Association
 from gastrolens import metrics
 from gastrolens.config.schema import DicomPeer
 from gastrolens.dicom_io.net.pynetdicom_private import send_files_as_stored
+from gastrolens.dicom_io.net.tls import client_tls_args
 from gastrolens.sending import SendResult, permanent, retry, sent
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def send_files(files: Sequence[tuple[Path, str]], peer: DicomPeer, calling_ae: s
     for context in _contexts(sorted({sop for _, sop in files})):
         ae.add_requested_context(*context)
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_client_tls(peer))
+        tls_args = client_tls_args(peer.tls, peer.host)  # in the try: an unreadable key or CA is retried too
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     except (OSError, ssl.SSLError) as exc:
         yield from (retry(f"cannot connect: {exc}") for _ in files)
         return
@@ -107,17 +109,6 @@ def _contexts(sop_classes: Sequence[str]) -> list[tuple[str, list[str]]]:
         log.warning("%d SOP classes in one association: only the first %d presentation contexts are proposed",
                     len(sop_classes), MAX_CONTEXTS)
     return contexts[:MAX_CONTEXTS]
-
-
-def _client_tls(peer: DicomPeer) -> tuple[ssl.SSLContext, str] | None:
-    tls = peer.tls
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.check_hostname = False  # PACS certificates rarely name the host the way DICOM peers are configured
-    if tls.cert and tls.key:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    return ctx, peer.host
 
 
 def _send_one(assoc: Association, path: Path) -> SendResult:

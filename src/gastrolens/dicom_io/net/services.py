@@ -15,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
 """Storage Commitment Push Model SOP Class (PS3.4 Annex J), served as SCP."""
 STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -28,6 +31,7 @@ SERVICE_SOP_CLASSES = (STORAGE_COMMITMENT_PUSH_MODEL, MODALITY_PERFORMED_PROCEDU
 STATUS_REFUSED_NOT_AUTHORISED = 0x0124
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_NO_SUCH_OBJECT = 0x0112
+STATUS_CLASS_INSTANCE_CONFLICT = 0x0119
 
 
 class DicomService(Protocol):
@@ -45,3 +49,19 @@ class DicomService(Protocol):
     def close(self) -> None:
         """Stop background work (reports still being sent get a bounded wait)."""
         ...
+
+
+def requestor(event: evt.Event) -> tuple[str, str]:
+    """The calling AE title (without its padding) and the audit actor, ``dicom:<AE>@<address>``."""
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    return calling_ae, f"dicom:{calling_ae}@{event.assoc.requestor.address}"
+
+
+def status_dataset(code: int, comment: str, error_id: int | None = None) -> Dataset:
+    """A response status with its Error Comment (LO: cut to 64 characters) and, if given, Error ID."""
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    if error_id is not None:
+        status.ErrorID = error_id
+    return status

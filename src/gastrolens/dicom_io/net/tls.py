@@ -1,4 +1,4 @@
-"""DICOM TLS for the receiver: the server's SSL context and a server that handshakes safely.
+"""DICOM TLS: the receiver's SSL context, a server that handshakes safely, and the client side.
 
 pynetdicom's ``AssociationServer.get_request`` performs the TLS handshake in its accept
 loop, on a blocking socket: one peer that opens a TCP connection and sends nothing
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gastrolens.config.schema import TLSSettings
+from gastrolens.config.schema import DestinationTLS, TLSSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,29 @@ def server_context(tls: TLSSettings) -> ssl.SSLContext | None:
         ctx.load_verify_locations(str(tls.ca))
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def client_context(tls: DestinationTLS) -> ssl.SSLContext | None:
+    """The SSL context for an association GastroLens opens (delivery, C-MOVE, storage
+    commitment report) to a peer with this ``tls`` table; None when its TLS is off.
+
+    The peer's certificate is checked against ``tls.ca`` (else the system CAs), not its
+    host name: PACS certificates rarely name the host the way DICOM peers are configured.
+    With ``cert`` and ``key`` set, GastroLens presents its client certificate.
+    """
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
+    ctx.check_hostname = False
+    if tls.cert and tls.key:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx
+
+
+def client_tls_args(tls: DestinationTLS, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for :meth:`AE.associate` to ``host``; None without TLS."""
+    ctx = client_context(tls)
+    return (ctx, host) if ctx is not None else None
 
 
 class HandshakeInThreadServer(ThreadedAssociationServer):

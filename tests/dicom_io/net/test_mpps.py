@@ -126,6 +126,25 @@ def test_a_missing_required_attribute_is_refused(make_node, left_out: str) -> No
     assert refused["status"] == "0x0120" and left_out in refused["reason"]
 
 
+
+@pytest.mark.parametrize("emptied", ["PerformedProcedureStepID", "PerformedProcedureStepStartDate", "Modality"])
+def test_a_required_attribute_sent_empty_is_missing_its_value(make_node, emptied: str) -> None:
+    """Present but empty is 0x0121 (missing attribute value, PS3.7 C), not 0x0120 (missing attribute)."""
+    node = make_node()
+    attributes = mpps_create(generate_uid())
+    setattr(attributes, emptied, "")
+    ae, assoc = workstation(node.port)
+    try:
+        status, _ = assoc.send_n_create(attributes, MPPS, generate_uid())
+    finally:
+        assoc.release()
+        ae.shutdown()
+    assert status_of(status) == 0x0121
+    assert emptied in str(status.ErrorComment)
+    assert not _steps(node)
+    (refused,) = _refused(node)
+    assert refused["status"] == "0x0121" and emptied in refused["reason"]
+
 def test_n_create_must_start_in_progress_and_n_set_needs_a_known_status(make_node) -> None:
     node = make_node()
     step_uid = generate_uid()

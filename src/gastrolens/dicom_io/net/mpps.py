@@ -6,7 +6,8 @@ in the Performed Series Sequence. This module checks the DICOM side (required
 attributes, status values) and hands the step to the daemon's :class:`ProcedureStepBook`,
 which stores it, audits it, decides the state transition (it holds the state, shared
 by every receiver process) and, on a final state, records the completion signal for
-the study. Statuses (PS3.4 F.7.2): 0x0120 missing attribute, 0x0106 invalid
+the study. Statuses (PS3.4 F.7.2, meanings from PS3.7 C): 0x0120 missing attribute,
+0x0121 missing attribute value (a Type 1 attribute sent empty), 0x0106 invalid
 attribute value, 0x0111 duplicate SOP instance, 0x0112 no such object instance,
 0x0110 processing failure ("Performed Procedure Step Object may no longer be updated"
 for an N-SET on a step already COMPLETED or DISCONTINUED).
@@ -25,11 +26,17 @@ from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import N_CREATE, N_SET
 
-from gastrolens.dicom_io.net.services import MODALITY_PERFORMED_PROCEDURE_STEP, STATUS_PROCESSING_FAILURE
+from gastrolens.dicom_io.net.services import (
+    MODALITY_PERFORMED_PROCEDURE_STEP,
+    STATUS_PROCESSING_FAILURE,
+    requestor,
+    status_dataset,
+)
 
 log = logging.getLogger(__name__)
 
 STATUS_MISSING_ATTRIBUTE = 0x0120
+STATUS_MISSING_ATTRIBUTE_VALUE = 0x0121
 STATUS_INVALID_ATTRIBUTE_VALUE = 0x0106
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 STATUS_NO_SUCH_OBJECT_INSTANCE = 0x0112
@@ -113,79 +120,91 @@ class ProcedureStepSCP:
     # -- N-CREATE ----------------------------------------------------------------------
 
     def on_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        actor = _actor(event)
+        calling_ae, actor = requestor(event)
         uid = cast(N_CREATE, event.request).AffectedSOPInstanceUID
         sop_uid = str(uid) if uid else None
         try:
-            attributes = event.attribute_list
-            missing = [k for k in REQUIRED_ON_CREATE if k not in attributes or attributes[k].value in (None, "", [])]
-            scheduled = attributes.get("ScheduledStepAttributesSequence") or []
-            study_uid = next((str(i.StudyInstanceUID) for i in scheduled if i.get("StudyInstanceUID")), None)
-            if study_uid is None and "ScheduledStepAttributesSequence" not in missing:
-                missing.append("ScheduledStepAttributesSequence > StudyInstanceUID")
-            if missing:
-                return self._refuse("N-CREATE", actor, sop_uid, STATUS_MISSING_ATTRIBUTE,
-                                    f"missing required attribute(s): {', '.join(missing)}")
-            status = str(attributes.PerformedProcedureStepStatus).strip()
-            if status != IN_PROGRESS:
-                return self._refuse("N-CREATE", actor, sop_uid, STATUS_INVALID_ATTRIBUTE_VALUE,
-                                    f"Performed Procedure Step Status {status!r} must be IN PROGRESS on N-CREATE")
-            response = Dataset()
-            if sop_uid is None:  # the SCP names the step (PS3.4 F.7.2.1.2)
-                sop_uid = generate_uid()
-                response.AffectedSOPInstanceUID = sop_uid
-            request = StepRequest(sop_instance_uid=sop_uid, actor=actor, calling_ae=_calling(event),
-                                  peer_address=event.assoc.requestor.address, attributes=attributes,
-                                  status=status, study_instance_uid=study_uid,
-                                  referenced=referenced_instances(attributes))
-            answer = self.book.create(request)
+            return self._create(event, calling_ae, actor, sop_uid)
         except Exception as exc:  # the last-resort guard: answer and audit, never raise
-            log.exception("unexpected error handling an MPPS N-CREATE from %s", actor)
-            return self._refuse("N-CREATE", actor, sop_uid, STATUS_PROCESSING_FAILURE,
-                                f"internal error: {exc.__class__.__name__}: {exc}")
-        if answer is StepAnswer.DUPLICATE:
-            return _status(STATUS_DUPLICATE_SOP_INSTANCE, f"procedure step {sop_uid} already exists"), None
+            return self._internal_error("N-CREATE", actor, sop_uid, exc)
+
+    def _create(self, event: evt.Event, calling_ae: str, actor: str,
+                sop_uid: str | None) -> tuple[int | Dataset, Dataset | None]:
+        attributes = event.attribute_list
+        missing = [k for k in REQUIRED_ON_CREATE if k not in attributes]
+        empty = [k for k in REQUIRED_ON_CREATE if k in attributes and attributes[k].value in (None, "", [])]
+        scheduled = attributes.get("ScheduledStepAttributesSequence") or []
+        study_uid = next((str(i.StudyInstanceUID) for i in scheduled if i.get("StudyInstanceUID")), None)
+        if study_uid is None and "ScheduledStepAttributesSequence" not in missing + empty:
+            missing.append("ScheduledStepAttributesSequence > StudyInstanceUID")
+        if missing:
+            return self._refuse("N-CREATE", actor, sop_uid, STATUS_MISSING_ATTRIBUTE,
+                                f"missing required attribute(s): {', '.join(missing)}")
+        if empty:
+            return self._refuse("N-CREATE", actor, sop_uid, STATUS_MISSING_ATTRIBUTE_VALUE,
+                                f"empty required attribute(s): {', '.join(empty)}")
+        status = str(attributes.PerformedProcedureStepStatus).strip()
+        if status != IN_PROGRESS:
+            return self._refuse("N-CREATE", actor, sop_uid, STATUS_INVALID_ATTRIBUTE_VALUE,
+                                f"Performed Procedure Step Status {status!r} must be IN PROGRESS on N-CREATE")
+        response = Dataset()
+        if sop_uid is None:  # the SCP names the step (PS3.4 F.7.2.1.2)
+            sop_uid = generate_uid()
+            response.AffectedSOPInstanceUID = sop_uid
+        request = StepRequest(sop_instance_uid=sop_uid, actor=actor, calling_ae=calling_ae,
+                              peer_address=event.assoc.requestor.address, attributes=attributes,
+                              status=status, study_instance_uid=study_uid,
+                              referenced=referenced_instances(attributes))
+        if self.book.create(request) is StepAnswer.DUPLICATE:
+            return status_dataset(STATUS_DUPLICATE_SOP_INSTANCE, f"procedure step {sop_uid} already exists"), None
         log.info("MPPS %s IN PROGRESS for study %s from %s", sop_uid, study_uid, actor)
         return 0x0000, response or None
 
     # -- N-SET -------------------------------------------------------------------------
 
     def on_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        actor = _actor(event)
+        calling_ae, actor = requestor(event)
         uid = cast(N_SET, event.request).RequestedSOPInstanceUID
         sop_uid = str(uid) if uid else None
         try:
-            if sop_uid is None:
-                return self._refuse("N-SET", actor, None, STATUS_NO_SUCH_OBJECT_INSTANCE,
-                                    "no Requested SOP Instance UID")
-            changes = event.modification_list
-            status = None
-            if "PerformedProcedureStepStatus" in changes:
-                status = str(changes.PerformedProcedureStepStatus or "").strip()
-                if status not in (IN_PROGRESS, COMPLETED, DISCONTINUED):
-                    return self._refuse("N-SET", actor, sop_uid, STATUS_INVALID_ATTRIBUTE_VALUE,
-                                        f"Performed Procedure Step Status {status!r} is not IN PROGRESS, "
-                                        "COMPLETED or DISCONTINUED")
-            request = StepRequest(sop_instance_uid=sop_uid, actor=actor, calling_ae=_calling(event),
-                                  peer_address=event.assoc.requestor.address, attributes=changes, status=status,
-                                  referenced=referenced_instances(changes))
-            answer = self.book.update(request)
+            return self._set(event, calling_ae, actor, sop_uid)
         except Exception as exc:  # the last-resort guard: answer and audit, never raise
-            log.exception("unexpected error handling an MPPS N-SET from %s", actor)
-            return self._refuse("N-SET", actor, sop_uid, STATUS_PROCESSING_FAILURE,
-                                f"internal error: {exc.__class__.__name__}: {exc}")
+            return self._internal_error("N-SET", actor, sop_uid, exc)
+
+    def _set(self, event: evt.Event, calling_ae: str, actor: str,
+             sop_uid: str | None) -> tuple[int | Dataset, Dataset | None]:
+        if sop_uid is None:
+            return self._refuse("N-SET", actor, None, STATUS_NO_SUCH_OBJECT_INSTANCE, "no Requested SOP Instance UID")
+        changes = event.modification_list
+        status = None
+        if "PerformedProcedureStepStatus" in changes:
+            status = str(changes.PerformedProcedureStepStatus or "").strip()
+            if status not in (IN_PROGRESS, COMPLETED, DISCONTINUED):
+                return self._refuse("N-SET", actor, sop_uid, STATUS_INVALID_ATTRIBUTE_VALUE,
+                                    f"Performed Procedure Step Status {status!r} is not IN PROGRESS, "
+                                    "COMPLETED or DISCONTINUED")
+        request = StepRequest(sop_instance_uid=sop_uid, actor=actor, calling_ae=calling_ae,
+                              peer_address=event.assoc.requestor.address, attributes=changes, status=status,
+                              referenced=referenced_instances(changes))
+        answer = self.book.update(request)
         if answer is StepAnswer.UNKNOWN:
-            return _status(STATUS_NO_SUCH_OBJECT_INSTANCE, f"no procedure step {sop_uid}"), None
+            return status_dataset(STATUS_NO_SUCH_OBJECT_INSTANCE, f"no procedure step {sop_uid}"), None
         if answer is StepAnswer.FINAL:
-            return _status(STATUS_PROCESSING_FAILURE, NO_LONGER_UPDATABLE, NO_LONGER_UPDATABLE_ERROR_ID), None
+            return status_dataset(STATUS_PROCESSING_FAILURE, NO_LONGER_UPDATABLE, NO_LONGER_UPDATABLE_ERROR_ID), None
         log.info("MPPS %s set%s by %s", sop_uid, f" {status}" if status else "", actor)
         return 0x0000, None
+
+    def _internal_error(self, operation: str, actor: str, sop_uid: str | None,
+                        exc: Exception) -> tuple[Dataset, None]:
+        log.exception("unexpected error handling an MPPS %s from %s", operation, actor)
+        return self._refuse(operation, actor, sop_uid, STATUS_PROCESSING_FAILURE,
+                            f"internal error: {exc.__class__.__name__}: {exc}")
 
     def _refuse(self, operation: str, actor: str, sop_uid: str | None, status: int,
                 reason: str) -> tuple[Dataset, None]:
         log.warning("MPPS %s from %s refused (0x%04X): %s", operation, actor, status, reason)
         self.book.refused(operation=operation, actor=actor, sop_instance_uid=sop_uid, status=status, reason=reason)
-        return _status(status, reason), None
+        return status_dataset(status, reason), None
 
 
 def referenced_instances(attributes: Dataset) -> tuple[str, ...] | None:
@@ -200,19 +219,3 @@ def referenced_instances(attributes: Dataset) -> tuple[str, ...] | None:
                     found.append(str(item.ReferencedSOPInstanceUID))
     return tuple(dict.fromkeys(found))
 
-
-def _status(code: int, comment: str, error_id: int | None = None) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = comment[:64]  # LO
-    if error_id is not None:
-        status.ErrorID = error_id
-    return status
-
-
-def _calling(event: evt.Event) -> str:
-    return str(event.assoc.requestor.ae_title).strip()
-
-
-def _actor(event: evt.Event) -> str:
-    return f"dicom:{_calling(event)}@{event.assoc.requestor.address}"

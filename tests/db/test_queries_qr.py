@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import date, datetime, timezone
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from gastrolens.db import Database
 from gastrolens.db.queries_qr import ObjectQuery, dicom_match, find_objects, find_series, find_studies
 from gastrolens.db.tables import Instance, Output, Series, Study
+from gastrolens.dicom_io.net.qr_identifier import QueryKeys
 from gastrolens.findings import OutputKind
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -104,3 +106,9 @@ def test_series_and_objects(db: Database) -> None:
     assert [(o.sop_class_uid, o.file_path) for o in segs] == [(SEG, "outputs/1/seg0.dcm"), (SEG, "outputs/1/seg1.dcm")]
     assert len(everything) == 14
     assert "instances/0/9.dcm" not in {o.file_path for o in everything}, "a removed file is not held"
+
+
+def test_the_read_side_takes_every_key_the_scp_parses() -> None:
+    """``daemon.query_retrieve`` copies QueryKeys into ObjectQuery field by name: a key added on one side only
+    would be dropped without a word."""
+    assert [f.name for f in fields(QueryKeys)] == [f.name for f in fields(ObjectQuery)]

@@ -120,6 +120,8 @@ class DicomSettings(_Section):
     peers: tuple[KnownPeer, ...] = ()
     """``[[dicom.peers]]``: the application entities known by address (storage commitment
     reports, C-MOVE destinations); AE titles unique."""
+    max_find_results: int = Field(1000, ge=1, le=1_000_000)
+    """A C-FIND matching more than this is refused with 0xA700 (out of resources) and no answers."""
 
     @field_validator("ae_title")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,22 @@ class DatabaseCatalog:
         self.store = store
         self._write_lock: AbstractContextManager[Any] = write_lock if write_lock is not None else nullcontext()
 
-    def find(self, keys: QueryKeys) -> Sequence[Match]:
+    def find(self, keys: QueryKeys, *, limit: int | None = None) -> Sequence[Match]:
+        """The matches, cut to ``limit`` before the answers are built (each reads its study's character set)."""
         query = _object_query(keys)
         with self.db.read_session() as session:
             if keys.level is Level.STUDY:
-                return [self._match(s) for s in find_studies(session, query)]
+                return [self._match(s) for s in find_studies(session, query)[:limit]]
             if keys.level is Level.SERIES:
                 return [
                     self._match(s.study, series_uid=s.series_uid, modality=s.modality,
                                 series_number=s.series_number, series_instances=s.objects)
-                    for s in find_series(session, query)
+                    for s in find_series(session, query)[:limit]
                 ]
             return [
                 self._match(o.study, series_uid=o.series_uid, modality=o.modality, sop_uid=o.sop_uid,
                             sop_class_uid=o.sop_class_uid)
-                for o in find_objects(session, query)
+                for o in find_objects(session, query)[:limit]
             ]
 
     def locate(self, keys: QueryKeys) -> Sequence[StoredObject]:
@@ -120,16 +122,6 @@ def _stored_character_set(path: str) -> tuple[str, ...]:
 
 
 def _object_query(keys: QueryKeys) -> ObjectQuery:
-    return ObjectQuery(
-        level=keys.level.value,
-        study_uids=keys.study_uids,
-        series_uids=keys.series_uids,
-        sop_uids=keys.sop_uids,
-        patient_id=keys.patient_id,
-        patient_name=keys.patient_name,
-        accession_number=keys.accession_number,
-        date_from=keys.date_from,
-        date_to=keys.date_to,
-        modalities=keys.modalities,
-        sop_class_uid=keys.sop_class_uid,
-    )
+    """The same keys for the read side (``tests/db/test_queries_qr.py`` holds the two field lists equal)."""
+    values = {f.name: getattr(keys, f.name) for f in fields(ObjectQuery)}
+    return ObjectQuery(**(values | {"level": keys.level.value}))

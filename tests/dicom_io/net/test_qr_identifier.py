@@ -20,6 +20,7 @@ from gastrolens.dicom_io.net.qr_identifier import (
     parse_identifier,
     response_character_set,
     stored_character_set,
+    unsupported_keys,
 )
 
 
@@ -110,3 +111,20 @@ def test_stored_character_set_is_read_from_the_file(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
     assert stored_character_set(tmp_path / "a.dcm") == ("GB18030",)
     assert stored_character_set(tmp_path / "missing.dcm") == ()
+
+
+@pytest.mark.parametrize(("level", "keys", "expected"), [
+    ("STUDY", {"StudyInstanceUID": "", "PatientName": "Wang*", "StudyDate": "20250101-", "StudyDescription": "",
+               "NumberOfStudyRelatedInstances": ""}, []),
+    ("STUDY", {"PatientName": "", "PatientBirthDate": "", "StudyTime": ""}, ["StudyTime", "PatientBirthDate"]),
+    ("STUDY", {"StudyDescription": "colon*"}, ["StudyDescription"]),  # returned, but not matched on
+    ("STUDY", {"StudyDescription": "*", "ReferringPhysicianName": "*"}, ["ReferringPhysicianName"]),
+    ("STUDY", {"SeriesNumber": ""}, ["SeriesNumber"]),  # a series key is not returned at STUDY level
+    ("SERIES", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "", "Modality": "SR", "SeriesNumber": ""}, []),
+    ("IMAGE", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.3", "SOPInstanceUID": "", "SOPClassUID": "",
+               "InstanceNumber": ""}, ["InstanceNumber"]),
+], ids=["all-kept", "not-kept", "not-matched", "universal", "lower-level", "series", "image"])
+def test_unsupported_optional_keys_give_the_pending_warning(level: str, keys: dict[str, object],
+                                                            expected: list[str]) -> None:
+    request = identifier(SpecificCharacterSet="ISO_IR 192", QueryRetrieveLevel=level, **keys)
+    assert unsupported_keys(request, Level(level)) == expected

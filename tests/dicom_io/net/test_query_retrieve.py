@@ -395,3 +395,54 @@ def test_an_output_sop_class_negotiated_for_get_cannot_be_stored(node: Node) -> 
     with node.db.read_session() as session:
         kept = session.scalars(select(Quarantined.sop_instance_uid)).all()
     assert str(ds.SOPInstanceUID) in kept
+
+
+def _find(port: int, identifier: Dataset) -> list[tuple[int, Dataset | None]]:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title="GASTROLENS")
+    assert assoc.is_established
+    try:
+        return [(int(status.Status), answer) for status, answer in assoc.send_c_find(identifier, STUDY_ROOT_FIND)]
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
+def test_a_find_matching_more_than_max_find_results_is_refused_whole(node: Node) -> None:
+    """Over ``[dicom] max_find_results`` the C-FIND gets 0xA700 and no answers (never a list cut short that
+    ends in Success); at or under it the answers come as usual."""
+    series = _identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=node.study_uid, SeriesInstanceUID="")
+    study = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=node.study_uid)
+    every_series = _find(node.port, series)
+    assert len(every_series) > 3 and {s for s, _ in every_series[:-1]} == {0xFF00}  # sources, SEG, SRs, overlays
+    limit = len(every_series) - 2  # one fewer than the series held
+    dicom = node.settings.dicom.model_copy(update={"port": 0, "max_find_results": limit})
+    ingest = DatabaseIngest(node.store, node.db, writers=1)
+    receiver = Receiver(dicom, ingest, services=[QueryRetrieve(dicom, DatabaseCatalog(node.db, node.store))])
+    receiver.start()
+    try:
+        too_many = _find(receiver.port, series)
+        one = _find(receiver.port, study)
+    finally:
+        receiver.stop(drain_seconds=5)
+        ingest.close()
+    assert too_many == [(0xA700, None)]
+    assert [s for s, _ in one] == [0xFF00, 0x0000]
+    refused = node.queries()[-2]
+    assert refused.outcome.value == "failure" and '"status":"0xA700"' in refused.detail
+    assert f"more than {limit} matches" in refused.detail
+
+
+def test_a_find_with_keys_gastrolens_does_not_support_gets_the_pending_warning(node: Node) -> None:
+    """0xFF01 when a key is not kept (returned empty) or has a value GastroLens does not match on; audited."""
+    kept = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=node.study_uid, PatientName="")
+    not_kept = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=node.study_uid, PatientName="",
+                           PatientBirthDate="")
+    assert [s for s, _ in _find(node.port, kept)] == [0xFF00, 0x0000]
+    answers = _find(node.port, not_kept)
+    assert [s for s, _ in answers] == [0xFF01, 0x0000]
+    first = answers[0][1]
+    assert first is not None and first["PatientBirthDate"].is_empty and str(first.PatientName) == NAME
+    audited = node.queries()[-1]
+    assert '"status":"0x0000"' in audited.detail and "optional keys not supported: PatientBirthDate" in audited.detail

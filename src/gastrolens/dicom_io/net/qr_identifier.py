@@ -39,6 +39,13 @@ STATUS_UNABLE_TO_PROCESS = 0xC000
 """Failure: a key value cannot be processed (a malformed date or UID, an undecodable identifier)."""
 UTF8 = "ISO_IR 192"
 
+MATCHED_KEYS = frozenset({
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PatientName", "AccessionNumber",
+    "StudyDate", "ModalitiesInStudy", "Modality", "SOPClassUID", "SOPClassesInStudy",
+})
+"""The keys GastroLens matches on (see :func:`parse_identifier`); any other key with a value is not matched."""
+_CONTROL_KEYS = frozenset({"SpecificCharacterSet", "QueryRetrieveLevel", "RetrieveAETitle"})
+
 
 class Level(str, enum.Enum):
     """The Study Root levels (PATIENT is not one of them)."""
@@ -235,6 +242,28 @@ def _date(text: str) -> date | None:
 
 
 # -- answers -------------------------------------------------------------------------------
+
+
+def unsupported_keys(request: Dataset, level: Level) -> list[str]:
+    """The request's optional keys GastroLens does not support, for C-FIND's 0xFF01 warning (PS3.4 C.4.1.1.4).
+
+    A key is unsupported for existence when :func:`answer` returns it empty at ``level``
+    (GastroLens does not keep it), and for matching when it carries a value (other than
+    ``*``) that GastroLens does not match on.
+    """
+    placeholder = Match(study_uid="", series_uid="" if level is not Level.STUDY else None,
+                        sop_uid="" if level is Level.IMAGE else None)
+    returned = _known_values(placeholder).keys()
+    found = []
+    for element in request:
+        keyword = element.keyword
+        if not keyword or keyword in _CONTROL_KEYS:
+            continue
+        universal = element.is_empty or (element.VR != "SQ" and set(str(element.value).strip()) <= {"*"})
+        if keyword not in returned or (not universal and keyword not in MATCHED_KEYS):
+            found.append(keyword)
+    return found
+
 
 
 def answer(match: Match, keys: QueryKeys, request: Dataset, retrieve_ae_title: str) -> Dataset:

@@ -5,7 +5,9 @@ side it imports nothing from the database: the daemon hands it a catalog
 (``gastrolens.daemon.query_retrieve``) that matches keys, locates files and audits.
 Handlers never raise: a bad identifier gets its PS3.4 C.4 status (see
 :mod:`~gastrolens.dicom_io.net.qr_identifier`), a catalog failure 0xA700 (transient) or
-0xC000, and each request is audited once, whatever its outcome.
+0xC000, and each request is audited once, whatever its outcome. A C-FIND that matches
+more than ``[dicom] max_find_results`` is refused with 0xA700 before any answer goes
+(C-FIND has no warning status to say that an answer was cut short).
 
 C-MOVE sends only to the configured ``[[dicom.peers]]`` with ``move_destination``;
 any other Move Destination is answered 0xA801. C-GET sends back over the requesting
@@ -15,7 +17,6 @@ association, for the storage SOP classes the requestor offered to receive (SCP r
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.presentation import PresentationContext, build_context
 
-from gastrolens.config.schema import DestinationTLS, DicomSettings
+from gastrolens.config.schema import DicomSettings
 from gastrolens.dicom_io.net.qr_identifier import (
     STATUS_UNABLE_TO_PROCESS,
     IdentifierError,
@@ -37,7 +38,10 @@ from gastrolens.dicom_io.net.qr_identifier import (
     QueryKeys,
     answer,
     parse_identifier,
+    unsupported_keys,
 )
+from gastrolens.dicom_io.net.services import requestor, status_dataset
+from gastrolens.dicom_io.net.tls import client_tls_args
 from gastrolens.errors import DatabaseError, StorageError
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,8 @@ OUTPUT_SOP_CLASSES = (
 """The SOP classes of what GastroLens writes (SEG, SR and study SR, overlays); a test checks the writers."""
 
 STATUS_PENDING = 0xFF00
+STATUS_PENDING_WARNING = 0xFF01
+"""Pending (C-FIND): matches are continuing, one or more optional keys were not supported (PS3.4 C.4.1.1.4)."""
 STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -104,8 +110,8 @@ class QueryRecord:
 class Catalog(Protocol):
     """What the Q/R SCP asks the side that knows what is stored (the daemon's database)."""
 
-    def find(self, keys: QueryKeys) -> Sequence[Match]:
-        """The matches for ``keys``, at ``keys.level``."""
+    def find(self, keys: QueryKeys, *, limit: int | None = None) -> Sequence[Match]:
+        """The matches for ``keys``, at ``keys.level``; at most ``limit`` of them when it is given."""
         ...
 
     def locate(self, keys: QueryKeys) -> Sequence[StoredObject]:
@@ -137,31 +143,13 @@ class _Tally:
             self.warning += 1
 
 
-def _failure(status: int, reason: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = reason[:64]
-    return ds
-
-
 def _status_of(exc: Exception) -> int:
     transient = isinstance(exc, DatabaseError | StorageError | OSError | MemoryError)
     return STATUS_OUT_OF_RESOURCES if transient else STATUS_UNABLE_TO_PROCESS
 
 
-def client_context(tls: DestinationTLS) -> ssl.SSLContext | None:
-    """The TLS client context for a peer (as the C-STORE sender builds it), None without TLS."""
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.check_hostname = False  # PACS certificates rarely name the host the way DICOM peers are configured
-    if tls.cert and tls.key:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    return ctx
-
-
 def _actor(event: evt.Event) -> str:
-    return f"dicom:{event.assoc.requestor.ae_title.strip()}@{event.assoc.requestor.address}"
+    return requestor(event)[1]
 
 
 class QueryRetrieve:
@@ -199,7 +187,15 @@ class QueryRetrieve:
         try:
             request = event.identifier
             keys = parse_identifier(request, retrieve=False)
-            matches = self.catalog.find(keys)
+            limit = self.settings.max_find_results
+            matches = self.catalog.find(keys, limit=limit + 1)
+            if len(matches) > limit:  # refused whole: a silently cut answer would end in Success
+                reason = f"more than {limit} matches (max_find_results): narrow the query"
+                self._record("C-FIND", actor, keys, STATUS_OUT_OF_RESOURCES, 0, reason)
+                yield status_dataset(STATUS_OUT_OF_RESOURCES, reason), None
+                return
+            unsupported = unsupported_keys(request, keys.level)
+            pending = STATUS_PENDING_WARNING if unsupported else STATUS_PENDING
             for match in matches:
                 if event.is_cancelled:
                     self._record("C-FIND", actor, keys, STATUS_CANCEL, sent, "cancelled")
@@ -207,18 +203,19 @@ class QueryRetrieve:
                     return
                 response = answer(match, keys, request, self.settings.ae_title)
                 sent += 1
-                yield STATUS_PENDING, response
+                yield pending, response
         except IdentifierError as exc:
             self._record("C-FIND", actor, keys, exc.status, 0, exc.reason)
-            yield _failure(exc.status, exc.reason), None
+            yield status_dataset(exc.status, exc.reason), None
             return
         except Exception as exc:  # the last-resort guard: answer and audit, never raise
             log.exception("C-FIND from %s failed", actor)
             status = _status_of(exc)
             self._record("C-FIND", actor, keys, status, sent, f"{exc.__class__.__name__}: {exc}")
-            yield _failure(status, f"{exc.__class__.__name__}"), None
+            yield status_dataset(status, f"{exc.__class__.__name__}"), None
             return
-        self._record("C-FIND", actor, keys, 0x0000, sent)
+        self._record("C-FIND", actor, keys, 0x0000, sent,
+                     f"optional keys not supported: {', '.join(unsupported)}" if unsupported else None)
 
     # -- C-MOVE ------------------------------------------------------------------------
 
@@ -238,9 +235,9 @@ class QueryRetrieve:
             "max_pdu": self.settings.max_pdu_bytes,
             "evt_handlers": [(evt.EVT_DIMSE_RECV, tally.on_message)],
         }
-        tls = client_context(peer.tls)
-        if tls is not None:
-            options["tls_args"] = (tls, peer.host)
+        tls_args = client_tls_args(peer.tls, peer.host)
+        if tls_args is not None:
+            options["tls_args"] = tls_args
         yield peer.host, peer.port, options
         if problem is not None:  # one failure response, after the destination pynetdicom requires first
             yield 1
@@ -286,16 +283,16 @@ class QueryRetrieve:
             objects = self.catalog.locate(keys)
         except IdentifierError as exc:
             self._record(service, actor, keys, exc.status, 0, exc.reason, destination)
-            return keys, (), _failure(exc.status, exc.reason)
+            return keys, (), status_dataset(exc.status, exc.reason)
         except Exception as exc:  # the last-resort guard: answer and audit, never raise
             log.exception("%s from %s failed", service, actor)
             status = _status_of(exc)
             self._record(service, actor, keys, status, 0, f"{exc.__class__.__name__}: {exc}", destination)
-            return keys, (), _failure(status, exc.__class__.__name__)
+            return keys, (), status_dataset(status, exc.__class__.__name__)
         if len(objects) > MAX_SUBOPERATIONS:
             reason = f"{len(objects)} objects match; one request sends at most {MAX_SUBOPERATIONS}"
             self._record(service, actor, keys, STATUS_TOO_MANY, 0, reason, destination)
-            return keys, (), _failure(STATUS_TOO_MANY, reason)
+            return keys, (), status_dataset(STATUS_TOO_MANY, reason)
         self._record(service, actor, keys, STATUS_PENDING, len(objects), None, destination)
         return keys, objects, None
 

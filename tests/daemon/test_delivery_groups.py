@@ -4,12 +4,14 @@ sender fails midway (the rest are released, due again at once)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 import pytest
 from sqlalchemy import func, select
 
 import gastrolens.daemon.delivery as delivery_module
+from gastrolens import metrics
 from gastrolens.daemon.delivery import RECORD_GROUP, DeliveryStep
 from gastrolens.daemon.destinations import Outgoing
 from gastrolens.db import audit
@@ -109,3 +111,36 @@ def test_a_sender_failing_midway_keeps_the_results_in_hand_and_releases_the_rest
     unsent = [r for r in rows.values() if r.state is not DeliveryState.SENT]
     assert len(unsent) == OBJECTS - fail_after
     assert all(r.state is DeliveryState.PENDING and r.claimed_by is None and r.attempts == 0 for r in unsent)
+
+
+class BusySender(FakeSender):
+    """Spends ``cpu`` seconds of its thread's CPU per object."""
+
+    def __init__(self, cpu: float) -> None:
+        super().__init__()
+        self.cpu = cpu
+
+    def send(self, objects: Sequence[Outgoing]) -> Iterator[SendResult]:
+        for result in super().send(objects):
+            started = time.thread_time()
+            while time.thread_time() - started < self.cpu:
+                pass
+            yield result
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_delivery_cpu_is_counted_once_per_thread(make_stage, monkeypatch, tmp_path, lanes):
+    """Stage ``deliver`` counts the calling thread and each lane thread, each once."""
+    stage = make_stage(destinations=[{"name": "dest", "ae_title": "PEER", "host": "127.0.0.1", "port": 104,
+                                      "associations": lanes}])
+    seed(stage, 8)
+    monkeypatch.setattr(delivery_module, "MIN_PER_ASSOCIATION", 1)
+    monkeypatch.setattr(delivery_module, "sender_for", lambda destination, settings: BusySender(0.02))
+
+    def deliver_seconds() -> float:
+        return metrics.REGISTRY.get_sample_value("gastrolens_stage_cpu_seconds_total", {"stage": "deliver"}) or 0.0
+
+    before = deliver_seconds()
+    assert DeliveryStep(stage.settings, stage.db, stage.store, "w").run_once() == 8
+    counted = deliver_seconds() - before
+    assert 8 * 0.02 <= counted < 8 * 0.02 * 1.4, f"{counted:.3f} s counted for 0.16 s of sending"

@@ -80,15 +80,17 @@ class DeliveryStep:
         thread, each claim in one of them); returns how many attempts were recorded."""
         lanes = min(int(getattr(destination, "associations", 1)), math.ceil(len(claims) / MIN_PER_ASSOCIATION))
         if lanes <= 1:
-            return self._lane(destination, claims)
+            return self._lane(destination, claims)  # in the calling thread, counted by run_once
         with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=f"deliver-{destination.name}") as pool:
-            with metrics.stage_cpu(metrics.Stage.DELIVER):
-                futures = [pool.submit(self._lane, destination, claims[lane::lanes]) for lane in range(lanes)]
+            futures = [pool.submit(self._counted_lane, destination, claims[lane::lanes]) for lane in range(lanes)]
             return sum(future.result() for future in futures)  # every lane ends (and releases) before a raise
 
     def _lane(self, destination: Destination, claims: Sequence[ClaimedDelivery]) -> int:
-        with metrics.stage_cpu(metrics.Stage.DELIVER):  # this thread's own CPU (the caller counts its own)
-            return self._deliver(claims, sender_for(destination, self.settings).send(self._outgoing(claims)))
+        return self._deliver(claims, sender_for(destination, self.settings).send(self._outgoing(claims)))
+
+    def _counted_lane(self, destination: Destination, claims: Sequence[ClaimedDelivery]) -> int:
+        with metrics.stage_cpu(metrics.Stage.DELIVER):  # a lane thread's own CPU (run_once counts its caller's)
+            return self._lane(destination, claims)
 
     def _claim(self, now: datetime, *, destination: str | None = None,
                unknown_to: Sequence[str] | None = None) -> list[ClaimedDelivery]:

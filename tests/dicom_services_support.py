@@ -116,16 +116,21 @@ def mpps_set(status: str, series: dict[str, list[tuple[str, str]]] | None = None
         item.OperatorsName = ""
         item.SeriesDescription = ""
         item.RetrieveAETitle = ""
-        refs = []
-        for sop_class, sop_uid in images:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = sop_class
-            ref.ReferencedSOPInstanceUID = sop_uid
-            refs.append(ref)
-        item.ReferencedImageSequence = refs
+        item.ReferencedImageSequence = referenced_items(images)
         items.append(item)
     ds.PerformedSeriesSequence = items
     return ds
+
+
+def referenced_items(pairs: Sequence[tuple[str, str]]) -> list[Dataset]:
+    """Referenced SOP Class / Instance UID items, one per ``(sop_class, sop_uid)``."""
+    items = []
+    for sop_class, sop_uid in pairs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_uid
+        items.append(item)
+    return items
 
 
 def workstation(port: int, ae_title: str = "ENDO_WS1") -> tuple[AE, Association]:
@@ -145,13 +150,7 @@ def commitment_request(references: Sequence[tuple[str, str]]) -> tuple[str, Data
     transaction = generate_uid()
     ds = Dataset()
     ds.TransactionUID = transaction
-    items = []
-    for sop_class, sop_uid in references:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_uid
-        items.append(item)
-    ds.ReferencedSOPSequence = items
+    ds.ReferencedSOPSequence = referenced_items(references)
     return transaction, ds
 
 

@@ -339,6 +339,18 @@ def _identifier(**keys: object) -> Dataset:
     return ds
 
 
+def _find(port: int, identifier: Dataset) -> list[tuple[int, Dataset | None]]:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title="GASTROLENS")
+    assert assoc.is_established
+    try:
+        return [(int(status.Status), answer) for status, answer in assoc.send_c_find(identifier, STUDY_ROOT_FIND)]
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
 @pytest.mark.parametrize(("keys", "status"), [
     ({"PatientName": "*"}, 0xA900),  # no Query/Retrieve Level
     ({"QueryRetrieveLevel": "PATIENT", "PatientID": ""}, 0xA900),  # not a Study Root level
@@ -347,15 +359,7 @@ def _identifier(**keys: object) -> Dataset:
     ({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.03"}, 0xC000),  # not a UID
 ], ids=["no-level", "patient-level", "series-without-study", "bad-date", "bad-uid"])
 def test_bad_find_gets_the_standard_status_and_an_audit_row(node: Node, keys: dict[str, object], status: int) -> None:
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(STUDY_ROOT_FIND)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.dicom.ae_title)
-    assert assoc.is_established
-    try:
-        responses = list(assoc.send_c_find(_identifier(**keys), STUDY_ROOT_FIND))
-    finally:
-        assoc.release()
-    assert [int(r[0].Status) for r in responses] == [status]
+    assert _find(node.port, _identifier(**keys)) == [(status, None)]
     audited = node.queries()[-1]
     assert audited.outcome.value == "failure" and f'"status":"0x{status:04X}"' in audited.detail
 
@@ -395,18 +399,6 @@ def test_an_output_sop_class_negotiated_for_get_cannot_be_stored(node: Node) -> 
     with node.db.read_session() as session:
         kept = session.scalars(select(Quarantined.sop_instance_uid)).all()
     assert str(ds.SOPInstanceUID) in kept
-
-
-def _find(port: int, identifier: Dataset) -> list[tuple[int, Dataset | None]]:
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(STUDY_ROOT_FIND)
-    assoc = ae.associate("127.0.0.1", port, ae_title="GASTROLENS")
-    assert assoc.is_established
-    try:
-        return [(int(status.Status), answer) for status, answer in assoc.send_c_find(identifier, STUDY_ROOT_FIND)]
-    finally:
-        assoc.release()
-        ae.shutdown()
 
 
 def test_a_find_matching_more_than_max_find_results_is_refused_whole(node: Node) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -81,14 +81,7 @@ class StudyCompletion:
         with self.db.read_session() as session:
             pending = list(session.scalars(select(CompletionSignal.id).where(CompletionSignal.handled_at.is_(None))
                                            .order_by(CompletionSignal.id).limit(100)))
-        written = 0
-        for signal_id in pending:
-            try:
-                with self._lock, metrics.stage_cpu(metrics.Stage.COMPLETE):
-                    written += self._settle(signal_id)
-            except (GastroLensError, OSError, InvalidDicomError) as exc:  # one study never blocks the others
-                log.error("completion signal %d: cannot write the study SR: %s", signal_id, exc)
-        return written
+        return self._one_by_one("completion signal", pending, self._settle)
 
     def _settle(self, signal_id: int) -> int:
         now = utcnow()
@@ -166,15 +159,19 @@ class StudyCompletion:
 
     def run_once(self) -> int:
         """Report every due study; returns how many study SRs were written."""
-        written = 0
         if not self.settings.outputs.sr:
             return 0
-        for study_id in self.due_studies():
+        return self._one_by_one("study", self.due_studies(), self.report)
+
+    def _one_by_one(self, what: str, ids: Sequence[int], work: Callable[[int], int]) -> int:
+        """``work`` on each id under the report lock; one that fails is logged and never blocks the others."""
+        written = 0
+        for item in ids:
             try:
                 with self._lock, metrics.stage_cpu(metrics.Stage.COMPLETE):
-                    written += self.report(study_id)
-            except (GastroLensError, OSError, InvalidDicomError) as exc:  # one study never blocks the others
-                log.error("study %d: cannot write the study SR: %s", study_id, exc)
+                    written += work(item)
+            except (GastroLensError, OSError, InvalidDicomError) as exc:
+                log.error("%s %d: cannot write the study SR: %s", what, item, exc)
         return written
 
     def report(self, study_id: int, *, notes: Sequence[str] = ()) -> int:

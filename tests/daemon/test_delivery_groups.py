@@ -144,3 +144,20 @@ def test_delivery_cpu_is_counted_once_per_thread(make_stage, monkeypatch, tmp_pa
     assert DeliveryStep(stage.settings, stage.db, stage.store, "w").run_once() == 8
     counted = deliver_seconds() - before
     assert 8 * 0.02 <= counted < 8 * 0.02 * 1.4, f"{counted:.3f} s counted for 0.16 s of sending"
+
+
+def test_an_idle_tick_opens_no_write_transaction(make_stage, monkeypatch, tmp_path):
+    """Nothing due: delivery only reads (a write transaction would take SQLite's write lock
+    from the receivers at every tick); something due: it claims and sends it."""
+    stage = make_stage(destinations=[{"name": "dest", "folder": str(tmp_path / "dest")}])
+    writes = []
+    session = stage.db.session
+    monkeypatch.setattr(stage.db, "session", lambda: writes.append(1) or session())
+    step = DeliveryStep(stage.settings, stage.db, stage.store, "w")
+    assert step.run_once() == 0 and writes == []
+    monkeypatch.setattr(stage.db, "session", session)
+    seed(stage, 2)
+    monkeypatch.setattr(stage.db, "session", lambda: writes.append(1) or session())
+    sender = FakeSender()
+    monkeypatch.setattr(delivery_module, "sender_for", lambda destination, settings: sender)
+    assert step.run_once() == 2 and len(sender.sent) == 2 and writes

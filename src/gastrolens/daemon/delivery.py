@@ -24,7 +24,7 @@ from gastrolens.config import Settings
 from gastrolens.config.schema import Destination
 from gastrolens.daemon.destinations import Outgoing, sender_for
 from gastrolens.db import Database
-from gastrolens.db.queue import ClaimedDelivery, claim_deliveries
+from gastrolens.db.queue import ClaimedDelivery, claim_deliveries, deliveries_due
 from gastrolens.db.tables import utcnow
 from gastrolens.db.transitions_delivery import (
     RetryPolicy,
@@ -94,6 +94,9 @@ class DeliveryStep:
 
     def _claim(self, now: datetime, *, destination: str | None = None,
                unknown_to: Sequence[str] | None = None) -> list[ClaimedDelivery]:
+        with self.db.read_session() as session:  # an idle tick takes no write lock (receivers commit meanwhile)
+            if not deliveries_due(session, now=now, destination=destination, unknown_to=unknown_to):
+                return []
         with self.db.session() as session:
             return claim_deliveries(session, self.worker, limit=BATCH,
                                     lease_seconds=self.settings.scheduler.lease_seconds, now=now,

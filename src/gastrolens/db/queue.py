@@ -118,15 +118,7 @@ def claim_deliveries(session: Session, worker: str, *, limit: int, lease_seconds
     them all; ``unknown_to`` claims only those whose destination is not among these names
     (a destination removed from the configuration). Oldest due first.
     """
-    conditions = [
-        Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING)),
-        Delivery.next_attempt_at <= now,
-        or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now),
-    ]
-    if destination is not None:
-        conditions.append(Delivery.destination == destination)
-    if unknown_to is not None:
-        conditions.append(Delivery.destination.not_in(list(unknown_to)))
+    conditions = _due(now, destination, unknown_to)
     stmt = select(Delivery.id).where(*conditions).order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)
     ids = list(session.scalars(_skip_locked(session, stmt, Delivery)))
     if not ids:
@@ -145,3 +137,23 @@ def claim_deliveries(session: Session, worker: str, *, limit: int, lease_seconds
                             sop_instance_uid=r.sop_instance_uid, series_instance_uid=r.series_instance_uid,
                             study_instance_uid=r.study_instance_uid, output_kind=OutputKind(r.kind),
                             revision=r.revision) for r in rows]
+
+
+def deliveries_due(session: Session, *, now: datetime, destination: str | None = None,
+                   unknown_to: Collection[str] | None = None) -> bool:
+    """Whether :func:`claim_deliveries` would claim anything, by a read that takes no write
+    lock (a read session): an idle tick then opens no write transaction."""
+    return session.execute(select(Delivery.id).where(*_due(now, destination, unknown_to)).limit(1)).first() is not None
+
+
+def _due(now: datetime, destination: str | None, unknown_to: Collection[str] | None) -> list[Any]:
+    conditions: list[Any] = [
+        Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING)),
+        Delivery.next_attempt_at <= now,
+        or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now),
+    ]
+    if destination is not None:
+        conditions.append(Delivery.destination == destination)
+    if unknown_to is not None:
+        conditions.append(Delivery.destination.not_in(list(unknown_to)))
+    return conditions

@@ -233,11 +233,16 @@ def test_get_with_a_file_gone_sends_the_rest_and_audits_the_failure(node: Node, 
     assert '"service":"C-GET"' in audited.detail and f'"rows":{len(node.held())}' in audited.detail
 
 
+def movescu(node: Node, destination: str, *options: str, port: int | None = None) -> subprocess.CompletedProcess[bytes]:
+    """C-MOVE the node's study to ``destination``."""
+    return dcmtk("movescu", *options, "-S", "-aet", "MOVESCU", "-aec", node.settings.dicom.ae_title,
+                 "-aem", destination, "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
+                 "127.0.0.1", str(port or node.port))
+
+
 def test_move_to_a_configured_peer(node: Node) -> None:
     before = set(node.storescp.received())
-    done = dcmtk("movescu", "-S", "-aet", "MOVESCU", "-aec", node.settings.dicom.ae_title, "-aem", "STORESCP",
-                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
-                 "127.0.0.1", str(node.port))
+    done = movescu(node, "STORESCP")
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     moved = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in set(node.storescp.received()) - before}
     assert moved == node.held()
@@ -267,9 +272,7 @@ def test_move_to_a_peer_over_tls(node: Node, tmp_path: Path) -> None:
     receiver.start()
     try:
         time.sleep(0.5)  # storescp binds
-        done = dcmtk("movescu", "-S", "-aet", "MOVESCU", "-aec", dicom.ae_title, "-aem", "TLSSCP",
-                     "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
-                     "127.0.0.1", str(receiver.port))
+        done = movescu(node, "TLSSCP", port=receiver.port)
         assert done.returncode == 0, done.stderr.decode(errors="replace")
         moved = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in inbox.iterdir()}
         assert moved == node.held()
@@ -281,9 +284,7 @@ def test_move_to_a_peer_over_tls(node: Node, tmp_path: Path) -> None:
 
 
 def test_move_to_an_unreachable_peer_fails_with_a801_and_is_audited(node: Node) -> None:
-    done = dcmtk("movescu", "-d", "-S", "-aet", "MOVESCU", "-aec", node.settings.dicom.ae_title, "-aem", "DOWN",
-                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
-                 "127.0.0.1", str(node.port))
+    done = movescu(node, "DOWN", "-d")
     output = (done.stdout + done.stderr).decode(errors="replace").lower()
     assert "dimse status                  : 0xa801" in output, output
     deadline = time.monotonic() + 10  # audited when pynetdicom drops the handler, just after it answered
@@ -295,9 +296,7 @@ def test_move_to_an_unreachable_peer_fails_with_a801_and_is_audited(node: Node) 
 
 
 def test_move_to_an_unknown_destination_fails_with_a801(node: Node) -> None:
-    done = dcmtk("movescu", "-d", "-S", "-aet", "MOVESCU", "-aec", node.settings.dicom.ae_title, "-aem", "NOBODY",
-                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={node.study_uid}",
-                 "127.0.0.1", str(node.port))
+    done = movescu(node, "NOBODY", "-d")
     output = (done.stdout + done.stderr).decode(errors="replace").lower()
     assert "dimse status                  : 0xa801" in output, output
     audited = node.queries()[-1]

@@ -120,13 +120,7 @@ class ProcedureStepSCP:
     # -- N-CREATE ----------------------------------------------------------------------
 
     def on_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        calling_ae, actor = requestor(event)
-        uid = cast(N_CREATE, event.request).AffectedSOPInstanceUID
-        sop_uid = str(uid) if uid else None
-        try:
-            return self._create(event, calling_ae, actor, sop_uid)
-        except Exception as exc:  # the last-resort guard: answer and audit, never raise
-            return self._internal_error("N-CREATE", actor, sop_uid, exc)
+        return self._guarded("N-CREATE", event, cast(N_CREATE, event.request).AffectedSOPInstanceUID, self._create)
 
     def _create(self, event: evt.Event, calling_ae: str, actor: str,
                 sop_uid: str | None) -> tuple[int | Dataset, Dataset | None]:
@@ -163,13 +157,7 @@ class ProcedureStepSCP:
     # -- N-SET -------------------------------------------------------------------------
 
     def on_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        calling_ae, actor = requestor(event)
-        uid = cast(N_SET, event.request).RequestedSOPInstanceUID
-        sop_uid = str(uid) if uid else None
-        try:
-            return self._set(event, calling_ae, actor, sop_uid)
-        except Exception as exc:  # the last-resort guard: answer and audit, never raise
-            return self._internal_error("N-SET", actor, sop_uid, exc)
+        return self._guarded("N-SET", event, cast(N_SET, event.request).RequestedSOPInstanceUID, self._set)
 
     def _set(self, event: evt.Event, calling_ae: str, actor: str,
              sop_uid: str | None) -> tuple[int | Dataset, Dataset | None]:
@@ -194,11 +182,18 @@ class ProcedureStepSCP:
         log.info("MPPS %s set%s by %s", sop_uid, f" {status}" if status else "", actor)
         return 0x0000, None
 
-    def _internal_error(self, operation: str, actor: str, sop_uid: str | None,
-                        exc: Exception) -> tuple[Dataset, None]:
-        log.exception("unexpected error handling an MPPS %s from %s", operation, actor)
-        return self._refuse(operation, actor, sop_uid, STATUS_PROCESSING_FAILURE,
-                            f"internal error: {exc.__class__.__name__}: {exc}")
+    def _guarded(self, operation: str, event: evt.Event, uid: object,
+                 handle: Callable[[evt.Event, str, str, str | None], tuple[int | Dataset, Dataset | None]],
+                 ) -> tuple[int | Dataset, Dataset | None]:
+        """``handle(event, calling_ae, actor, sop_uid)`` behind the last-resort guard: answer and audit, never raise."""
+        calling_ae, actor = requestor(event)
+        sop_uid = str(uid) if uid else None
+        try:
+            return handle(event, calling_ae, actor, sop_uid)
+        except Exception as exc:
+            log.exception("unexpected error handling an MPPS %s from %s", operation, actor)
+            return self._refuse(operation, actor, sop_uid, STATUS_PROCESSING_FAILURE,
+                                f"internal error: {exc.__class__.__name__}: {exc}")
 
     def _refuse(self, operation: str, actor: str, sop_uid: str | None, status: int,
                 reason: str) -> tuple[Dataset, None]:

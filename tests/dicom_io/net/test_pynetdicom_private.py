@@ -89,3 +89,31 @@ def test_no_other_module_touches_pynetdicom_private_names():
 def test_the_version_these_checks_were_written_against():
     """Not a pin: a reminder to re-read pynetdicom_private.py when the major version moves."""
     assert pynetdicom.__version__.split(".")[0] == "3"
+
+
+def test_no_delay_turns_nagle_off_on_an_established_association():
+    """pynetdicom leaves Nagle on (each C-STORE then waits for the peer's delayed ACK);
+    no_delay reaches the socket and sets TCP_NODELAY."""
+    from pynetdicom.sop_class import Verification
+
+    from support import free_port
+
+    server_ae = AE(ae_title="PEER")
+    server_ae.add_supported_context(Verification)
+    port = free_port()
+    server = server_ae.start_server(("127.0.0.1", port), block=False)
+    client = AE(ae_title="GL")
+    client.add_requested_context(Verification)
+    try:
+        assoc = client.associate("127.0.0.1", port, ae_title="PEER")
+        assert assoc.is_established
+        sock = pynetdicom_private.connection_socket(assoc)
+        assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0, \
+            "pynetdicom now sets TCP_NODELAY itself: no_delay may go"
+        pynetdicom_private.no_delay(assoc)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assoc.release()
+    finally:
+        client.shutdown()
+        server.shutdown()
+    pynetdicom_private.no_delay(Association(AE(), "requestor"))  # no socket yet: nothing to do

@@ -49,6 +49,9 @@ def test_many_objects_go_over_one_association_without_being_decoded(tmp_path, mo
     def no_decoding(*args, **kwargs):
         raise AssertionError("the file was decoded instead of sent as stored")
 
+    nagle_off = []
+    no_delay = send_module.no_delay
+    monkeypatch.setattr(send_module, "no_delay", lambda assoc: nagle_off.append(assoc) or no_delay(assoc))
     monkeypatch.setattr(send_module, "dcmread", no_decoding)
     monkeypatch.setattr(pynetdicom.association, "dcmread", no_decoding)
     files = stored_files(tmp_path, 6)
@@ -63,6 +66,7 @@ def test_many_objects_go_over_one_association_without_being_decoded(tmp_path, mo
     echoes = scp.log.count("Received Echo Request")  # start_storescp's readiness checks
     assert scp.log.count("Association Received") - echoes == 1
     assert scp.log.count("Received Store Request") == 6
+    assert len(nagle_off) == 1, "TCP_NODELAY set on the association (else 40 ms per object)"
     sent = {pydicom.dcmread(p).SOPInstanceUID for p, _ in files}
     assert {pydicom.dcmread(p).SOPInstanceUID for p in scp.received()} == sent
 

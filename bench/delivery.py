@@ -13,8 +13,9 @@ the caller, pynetdicom's association thread, the database), of which the databas
 (claim, one transaction per object recording the peer's answer), and objects/s.
 Prints figures; never a test.
 
-The DICOM peer runs are made with ``--associations`` (default: 1, 2 (the default of
-``[[destinations]] associations``) and 4, each printed on its own line.
+The DICOM peer runs are made with ``--associations`` (default: 1, the default of
+``[[destinations]] associations``, 2 and 4; storescp then runs with --fork, as it
+otherwise serves one association at a time), each printed on its own line.
 
     .venv/bin/python bench/delivery.py [--count 150] [--fsync] [--associations 1 2 4]
 """
@@ -109,7 +110,8 @@ def run(work: Path, outputs: list[tuple[Path, str, str, str, str]], label: str, 
         destination = {"name": "dest", "folder": str(folder)}
     else:
         port = free_port()
-        peer = subprocess.Popen([STORESCP, "+xa", "-aet", "PEER", "-od", str(folder), str(port)],
+        fork = ["--fork"] if associations > 1 else []  # else storescp serves one association at a time
+        peer = subprocess.Popen([STORESCP, "+xa", *fork, "-aet", "PEER", "-od", str(folder), str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "TCP_NODELAY": "1"})
         wait_for_port(port)

@@ -145,6 +145,6 @@ def test_a_peer_gets_several_associations_at_once_each_object_once(make_stage, t
 
 def test_associations_is_a_dicom_peer_setting_with_a_sane_range():
     (peer,) = destinations({"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104})
-    assert isinstance(peer, DicomPeer) and peer.associations == 2
+    assert isinstance(peer, DicomPeer) and peer.associations == 1
     with pytest.raises(ValueError, match="associations"):
         destinations({"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104, "associations": 0})

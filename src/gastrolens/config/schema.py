@@ -282,9 +282,11 @@ class DicomPeer(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     tls: DestinationTLS = DestinationTLS()
-    associations: int = Field(2, ge=1, le=32)
+    associations: int = Field(1, ge=1, le=32)
     """Associations delivery opens to this peer at once, each carrying its share of the due
-    objects (one waits on the peer most of the time); 1: one at a time, strictly oldest first."""
+    objects; 1 (the default): one at a time, strictly oldest first. More only for a peer that
+    serves associations concurrently (DCMTK storescp without --fork serves one at a time: a
+    second one waits and may time out)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -362,3 +362,22 @@ def _sop_of(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_sigterm_drains_within_the_grace_period(cluster: Cluster, view: DatabaseView) -> None:
+    """`podman stop` sends the image's STOPSIGNAL (SIGTERM) through tini: each role drains and exits 0
+    well inside the manifests' terminationGracePeriodSeconds (receiver 60 s, worker 120 s)."""
+    grace = {"gastrolens-receiver-0": 60, "gastrolens-worker-1": 120}
+    seconds = {}
+    for name, limit in grace.items():
+        container = f"{name}-{cluster.specs[name].container}"
+        began = time.monotonic()
+        _podman("stop", "--time", str(limit), container, timeout=limit + 30)
+        seconds[name] = round(time.monotonic() - began, 1)
+        code = _podman("inspect", "--format", "{{.State.ExitCode}}", container).strip()
+        assert code == "0", f"{name} exited with {code} after SIGTERM:\n{cluster.logs(name)}"
+        assert seconds[name] < limit, f"{name} took {seconds[name]} s to stop"
+    FIGURES["sigterm_to_exit_seconds"] = seconds
+    stopped = [detail(e) for e in view.events(AuditEventType.SERVICE_STOPPED)]
+    assert len(stopped) == 2 and all(d["exit_status"] == 0 for d in stopped), stopped
+    _report()

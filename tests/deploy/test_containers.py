@@ -7,8 +7,9 @@ runs the migration Job, then receiver x1 and worker x2 against a fresh PostgreSQ
 the machine's server and a shared host folder as the ReadWriteMany volume. It pushes 100
 images with DCMTK storescu and checks each has exactly one result and every output reached a
 DCMTK storescp; then it kills one worker (SIGKILL) while it holds claims and checks the other
-finishes them once their lease expires. Figures are printed and written to
-test-artifacts/deploy-figures.json.
+finishes them once their lease expires; last it stops the receiver and the surviving worker
+with SIGTERM and checks each drains and exits 0 inside its grace period. Figures are printed
+and written to test-artifacts/deploy-figures.json.
 
 A pytest module rather than a shell script: fixtures tear every pod, volume, database and
 folder down even when an assertion fails, and the checks reuse the end-to-end tests' helpers

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -55,9 +56,11 @@ from gastrolens.storage.store import Store
 log = logging.getLogger(__name__)
 
 SIGNAL_POLL_SECONDS = 0.5
+"""How often :meth:`StudyCompletion.run_signals` looks for MPPS and command signals."""
 HEADER_CACHE = 4096
 """Source headers (without pixel data) kept between study SR revisions."""
-"""How often :meth:`StudyCompletion.run_signals` looks for MPPS and command signals."""
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 5.0, 300.0
+"""A study whose SR cannot be written is tried again after 5 s, then twice as long each time, at most 5 min."""
 
 
 class StudyCompletion:
@@ -68,6 +71,8 @@ class StudyCompletion:
         self.worker = worker
         self._destination_names = tuple(d.name for d in settings.destinations)
         self._lock = threading.Lock()  # the quiet timer and the signal poll never report at once
+        self._failing: dict[tuple[str, int], tuple[float, float]] = {}
+        """(what, id) -> (when to try again, the delay after that) for work that failed."""
         self._headers: OrderedDict[tuple[int, str], Dataset] = OrderedDict()
         """Stored source headers already read, by (instance id, file path): each revision
         of a study SR reads every source of the study, and a stored file never changes."""
@@ -164,14 +169,25 @@ class StudyCompletion:
         return self._one_by_one("study", self.due_studies(), self.report)
 
     def _one_by_one(self, what: str, ids: Sequence[int], work: Callable[[int], int]) -> int:
-        """``work`` on each id under the report lock; one that fails is logged and never blocks the others."""
+        """``work`` on each id under the report lock; one that fails is logged and never blocks the others.
+
+        A failed id waits (:data:`RETRY_FIRST_SECONDS`, doubling) before it is tried again, so
+        a study that cannot be reported does not fill the log twice a second."""
         written = 0
+        now = time.monotonic()
         for item in ids:
+            retry_at, delay = self._failing.get((what, item), (0.0, RETRY_FIRST_SECONDS / 2))
+            if retry_at > now:
+                continue
             try:
                 with self._lock, metrics.stage_cpu(metrics.Stage.COMPLETE):
                     written += work(item)
             except (GastroLensError, OSError, InvalidDicomError) as exc:
-                log.error("%s %d: cannot write the study SR: %s", what, item, exc)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                self._failing[(what, item)] = (now + delay, delay)
+                log.error("%s %d: cannot write the study SR (next try in %.0f s): %s", what, item, delay, exc)
+            else:
+                self._failing.pop((what, item), None)
         return written
 
     def report(self, study_id: int, *, notes: Sequence[str] = ()) -> int:

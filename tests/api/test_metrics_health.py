@@ -92,3 +92,21 @@ def test_health_can_require_a_token(sqlite_node: Node) -> None:
     with serving(sqlite_node, open_health=False) as api:
         assert api.get("/healthz").status_code == 401
         assert api.get("/healthz", headers=VIEWER).status_code == 200
+
+
+def test_liveness_ignores_the_database_and_storage_but_not_the_process(
+    sqlite_node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database outage makes the process not ready (/healthz 503) but must not get it
+    restarted (/livez 200); a dead scheduler thread does."""
+    from gastrolens.api import routes_ops
+
+    down = routes_ops.Component(ok=False, detail={"error": "the database did not answer"})
+    monkeypatch.setattr(routes_ops, "_database", lambda ctx: down)
+    with serving(sqlite_node, health_probe=lambda: {"role": "worker", "scheduler": True, "model": True}) as api:
+        assert api.get("/healthz").status_code == 503
+        live = api.get("/livez")
+    assert live.status_code == 200
+    assert live.json()["role"] == "worker" and "database" not in live.json()["components"]
+    with serving(sqlite_node, health_probe=lambda: {"scheduler": False, "model": True}) as api:
+        assert api.get("/livez").status_code == 503

@@ -50,8 +50,9 @@ def test_overlays_render_a_complete_node(overlay: str) -> None:
         template = deployment["spec"]["template"]
         container = _container(deployment)
         assert container["args"] == ["serve", "--role", role]
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        for probe in ("readinessProbe", "startupProbe"):
             assert container[probe]["httpGet"]["path"] == "/healthz", (role, probe)
+        assert container["livenessProbe"]["httpGet"]["path"] == "/livez", role  # no restarts for a database outage
         annotations = template["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
         assert {"cpu", "memory"} <= set(container["resources"]["requests"])

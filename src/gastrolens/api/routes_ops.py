@@ -1,4 +1,8 @@
-"""Operations endpoints for the hospital's monitoring: ``/healthz`` and ``/metrics``.
+"""Operations endpoints for the hospital's monitoring: ``/healthz``, ``/livez`` and ``/metrics``.
+
+``/healthz`` is readiness: the database, the storage and this process's own parts.
+``/livez`` is liveness: this process's own parts only, so that a database or storage
+outage takes a pod out of service (readiness) without restarting it over and over.
 
 Both are open without a token when ``[api] open_health`` / ``open_metrics`` say so
 (health is open by default, metrics are not); otherwise they need a viewer token.
@@ -47,11 +51,23 @@ class Health(BaseModel):
 @router.get("/healthz", response_model=Health, summary="Database, storage, scheduler and model state",
             responses={503: {"model": Health, "description": "some component is failing"}})
 def healthz(request: Request, credentials: Credentials) -> JSONResponse:
+    return _health(request, credentials, shared=True)
+
+
+@router.get("/livez", response_model=Health, summary="This process's own parts (not the database or storage)",
+            responses={503: {"model": Health, "description": "a part of this process is failing: restart it"}})
+def livez(request: Request, credentials: Credentials) -> JSONResponse:
+    return _health(request, credentials, shared=False)
+
+
+def _health(request: Request, credentials: Credentials, *, shared: bool) -> JSONResponse:
+    """This process's components, and with ``shared`` the database and storage it depends on."""
     ctx = context_of(request)
     if not ctx.settings.api.open_health:
         authorize(request, credentials, Role.VIEWER)
-    role, probed = _probed(ctx)
-    components = {"database": _database(ctx), "storage": _storage(ctx), **probed}
+    role, components = _probed(ctx)
+    if shared:
+        components = {"database": _database(ctx), "storage": _storage(ctx), **components}
     failing = any(c.ok is False for c in components.values())
     body = Health(status="failing" if failing else "ok", role=role, components=components)
     return JSONResponse(body.model_dump(mode="json"), status_code=503 if failing else 200)

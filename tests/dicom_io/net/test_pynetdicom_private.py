@@ -117,3 +117,34 @@ def test_no_delay_turns_nagle_off_on_an_established_association():
         client.shutdown()
         server.shutdown()
     pynetdicom_private.no_delay(Association(AE(), "requestor"))  # no socket yet: nothing to do
+
+
+def test_a_response_the_reactor_takes_goes_back_to_the_waiting_sender():
+    """pynetdicom's reactor can take a C-STORE response meant for send_c_store (its pause
+    check reads a stale flag); return_stolen_responses puts it back on the queue
+    send_c_store reads; a real request still goes to pynetdicom's handling."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    assoc = Association(AE(), "requestor")
+    served = []
+    assoc._serve_request = lambda msg, context_id: served.append((context_id, msg))
+    pynetdicom_private.return_stolen_responses(assoc)
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 1
+    response.Status = 0x0000
+    assert not response.is_valid_request
+    assoc._serve_request(response, 3)
+    assert assoc.dimse.msg_queue.get_nowait() == (3, response) and served == []
+    request = C_STORE()
+    request.MessageID = 7
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    request.AffectedSOPInstanceUID = "1.2.3"
+    request.Priority = 2
+    request.DataSet = BytesIO(b"")
+    assert request.is_valid_request
+    assoc._serve_request(request, 5)
+    assert served == [(5, request)] and assoc.dimse.msg_queue.empty()
+    assert "self._is_paused = True" in inspect.getsource(Association._run_reactor), \
+        "pynetdicom changed its reactor pause: check whether return_stolen_responses is still needed"

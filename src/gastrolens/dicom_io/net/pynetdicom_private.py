@@ -9,6 +9,7 @@ policy, for example, answers ``evt.EVT_REQUESTED`` with ``acse.send_reject``).
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
@@ -73,6 +74,29 @@ def no_delay(assoc: Association) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not a TCP socket, or already closed: nothing to speed up
+
+
+def return_stolen_responses(assoc: Association) -> None:
+    """Hand a response the association's reactor takes back to the thread waiting for it.
+
+    ``send_c_store`` pauses the reactor while it waits for its response, but checks the
+    pause with a flag the reactor may not have reset yet: right after one response, the
+    next request can go out while the reactor, woken by the previous one, is about to read
+    the message queue. A fast peer's response (TCP_NODELAY: a millisecond or two) is then
+    taken by the reactor, logged as "Received unexpected C-STORE service message" and
+    dropped, and the sender waits out the DIMSE timeout (seen: 30 s, then a retry). Our
+    sending associations serve no requests, so whatever is not a request goes back on the
+    queue the sender reads.
+    """
+    serve = assoc._serve_request
+
+    def serve_or_return(msg: Any, context_id: int) -> None:
+        if msg.is_valid_request:
+            serve(msg, context_id)
+        else:
+            assoc.dimse.msg_queue.put((context_id, msg))
+
+    assoc._serve_request = serve_or_return  # type: ignore[method-assign]
 
 
 def send_files_as_stored() -> None:

@@ -33,7 +33,7 @@ from pynetdicom.association import Association
 
 from gastrolens import metrics
 from gastrolens.config.schema import DicomPeer
-from gastrolens.dicom_io.net.pynetdicom_private import no_delay, send_files_as_stored
+from gastrolens.dicom_io.net.pynetdicom_private import no_delay, return_stolen_responses, send_files_as_stored
 from gastrolens.dicom_io.net.tls import client_tls_args
 from gastrolens.sending import SendResult, permanent, retry, sent
 
@@ -74,6 +74,7 @@ def send_files(files: Sequence[tuple[Path, str]], peer: DicomPeer, calling_ae: s
             reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
             yield from (retry(reason) for _ in files)
             return
+        return_stolen_responses(assoc)  # before no_delay makes responses fast enough to be stolen
         no_delay(assoc)  # else each object may wait for the peer's delayed ACK (40 ms)
         for index, (path, _) in enumerate(files):
             if not assoc.is_established:

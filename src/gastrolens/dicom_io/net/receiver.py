@@ -218,6 +218,7 @@ class Receiver:
 
     def _on_connect(self, event: evt.Event) -> None:
         self.connections.opened(event.assoc)
+        pynetdicom_private.no_delay(event.assoc)  # each response leaves at once, not after the peer's delayed ACK
 
     def _on_requested(self, event: evt.Event) -> None:
         """The access policy, applied before pynetdicom negotiates (public hook: EVT_REQUESTED)."""

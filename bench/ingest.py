@@ -17,7 +17,7 @@ After each run it checks that every instance arrived. Prints figures; never a te
     .venv/bin/python bench/ingest.py [--count 500] [--associations 2] [--receiver-processes P]
                                      [--rounds 1] [--keep] [--with-inference]
 
-The daemon's inference is deferred during the run unless --with-inference is given.
+The daemon runs as a receiver (no model, no inference) unless --with-inference is given.
 """
 
 from __future__ import annotations
@@ -211,10 +211,11 @@ def run_gastrolens(
 ) -> float:
     folder.mkdir()
     config = folder / "gastrolens.toml"
-    # Inference deferred (first scheduler tick after an hour, no full batch within the run)
-    # unless asked for; everything else at its default: fsync on, SQLite with
-    # synchronous=FULL, min_free_mb 1024, max_pdu_bytes 0, INFO logging.
-    deferred = "" if with_inference else "[scheduler]\ninterval_seconds = 3600\n[model]\nbatch_size = 512\n"
+    # Ingest alone (the receiver role: no model, no inference) unless inference is asked
+    # for; everything else at its default: fsync on, SQLite with synchronous=FULL,
+    # min_free_mb 1024, max_pdu_bytes 0, INFO logging. (A huge batch_size used to defer
+    # inference instead; a full batch of 512 then woke it, and its CPU batch took 24 GB.)
+    deferred = "" if with_inference else '[daemon]\nrole = "receiver"\n'
     config.write_text(f"""
 [dicom]
 port = 0

@@ -161,3 +161,45 @@ def test_an_idle_tick_opens_no_write_transaction(make_stage, monkeypatch, tmp_pa
     sender = FakeSender()
     monkeypatch.setattr(delivery_module, "sender_for", lambda destination, settings: sender)
     assert step.run_once() == 2 and len(sender.sent) == 2 and writes
+
+
+class SlowSender(FakeSender):
+    """A peer that takes ``seconds`` per object."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def send(self, objects: Sequence[Outgoing]) -> Iterator[SendResult]:
+        for result in super().send(objects):
+            time.sleep(self.seconds)
+            yield result
+
+
+def test_a_slow_peer_never_outlives_the_lease_it_sends_under(make_stage, monkeypatch, tmp_path):
+    """An association still sending after half the lease releases the rest and claims
+    again: no object stays claimed past its lease (another worker would send it too)."""
+    stage = make_stage(destinations=[{"name": "dest", "folder": str(tmp_path / "dest")}],
+                       scheduler={"study_quiet_seconds": 0, "lease_seconds": 1, "output_processes": 0})
+    seed(stage, 12)
+    sender = SlowSender(0.1)
+    claims: list[int] = []
+    claim = DeliveryStep._claim
+
+    def counting(self, now, **kwargs):
+        found = claim(self, now, **kwargs)
+        if kwargs.get("destination"):
+            claims.append(len(found))
+        return found
+
+    monkeypatch.setattr(DeliveryStep, "_claim", counting)
+    monkeypatch.setattr(delivery_module, "BATCH", 12)
+    monkeypatch.setattr(delivery_module, "sender_for", lambda destination, settings: sender)
+    step = DeliveryStep(stage.settings, stage.db, stage.store, "w")
+    assert step.run_once() < 12, "the first claim was sent whole, past half its lease"
+    attempts = sum(step.run_once() for _ in range(10))
+    with stage.db.session() as s:
+        rows = list(s.scalars(select(Delivery)))
+    assert all(r.state is DeliveryState.SENT and r.attempts == 1 and r.claimed_by is None for r in rows)
+    assert sorted(sender.sent) == sorted(set(sender.sent)) and len(sender.sent) == 12 and attempts > 0
+    assert claims[0] == 12 and len(claims) >= 3

@@ -7,7 +7,10 @@ first; at least :data:`MIN_PER_ASSOCIATION` objects each), since one association
 most of its time waiting on the peer. Each association records its results as they come,
 :data:`RECORD_GROUP` at a time in one transaction (one attempt and one audit event each),
 so a crash re-sends at most that many objects per association (a re-sent object has the
-same SOP Instance UID: the peer replaces it). What each result does to the delivery is
+same SOP Instance UID: the peer replaces it). A claim is held for ``lease_seconds``: an
+association still sending after half of it stops, releases what it has not sent and
+claims again, so a slow peer never outlives the lease it sends under (another worker
+would take the same objects). What each result does to the delivery is
 :func:`gastrolens.db.transitions_delivery.record_delivery_attempt`.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -113,6 +117,7 @@ class DeliveryStep:
         sender gave no result for are released."""
         done = 0
         group: list[tuple[ClaimedDelivery, SendResult, datetime]] = []
+        stop_at = time.monotonic() + self.settings.scheduler.lease_seconds / 2  # well inside the claim's lease
         try:
             try:
                 for claim, result in zip(claims, results, strict=False):  # a sender that stops early leaves claims
@@ -120,6 +125,10 @@ class DeliveryStep:
                     if len(group) >= RECORD_GROUP:
                         full, group = group, []
                         done += self._record(full)
+                    if time.monotonic() >= stop_at:
+                        log.info("delivery: half the lease spent after %d of %d objects; releasing the rest",
+                                 done + len(group), len(claims))
+                        break
             finally:
                 done += self._record(group)  # the results in hand, even when the sender failed
         finally:

@@ -47,6 +47,7 @@ from typing import Any
 
 from gastrolens import logsetup, metrics
 from gastrolens.config.schema import DicomSettings
+from gastrolens.dicom_io.net.receiver import warn_if_open
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class ReceiverPool:
         ]
         for thread in self._threads:
             thread.start()
+        warn_if_open(dicom)
         log.info("%d receiver processes serving %s:%d", self.count, dicom.bind, self._port)
 
     def _spawn(self, index: int) -> tuple[SpawnProcess, Connection, socket.socket]:

@@ -84,6 +84,12 @@ class AccessPolicy:
         return None
 
 
+def warn_if_open(settings: DicomSettings) -> None:
+    """Say once per node that any calling AE title may store (no allow list configured)."""
+    if not settings.allowed_calling_aets:
+        log.warning("dicom.allowed_calling_aets is empty: any calling AE title may store")
+
+
 class Receiver:
     """Owns the pynetdicom AE and its server; ``start()`` binds, ``stop()`` drains.
 
@@ -178,9 +184,8 @@ class Receiver:
             pynetdicom_private.register_server(self.ae, server)
         self._server = server
         self._accepting.set()
-        if not self.policy.calling_aets:
-            log.warning("dicom.allowed_calling_aets is empty: any calling AE title may store")
-        if not self.handoff:
+        if not self.handoff:  # (the receiver processes' pool says both once for all of them)
+            warn_if_open(self.settings)
             log.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.bind, self.port)
 
     def serve_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
